@@ -1,0 +1,1 @@
+"""The `splitvlm` command line."""

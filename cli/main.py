@@ -1,0 +1,57 @@
+"""`splitvlm` entry point: a click group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from splitvlm.cli import decode_cmd, demo_cmd, encode_cmd, env_cmd, model_cmd, store_cmd, verify_cmd
+from splitvlm.core.errors import SplitVLMError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="splitvlm")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Split Qwen2-VL inference: pre-encode images into an LMDB store once, decode from it
+    many times in vLLM, and verify the split path gives exactly the end-to-end bytes.
+
+    \b
+    Typical flow:
+      splitvlm make-model --arch tiny --out models/tiny
+      splitvlm encode --model models/tiny --store S images/
+      splitvlm decode --model models/tiny --store S --jobs jobs.jsonl --out out.jsonl
+      splitvlm verify --model models/tiny --store S --jobs jobs.jsonl
+    """
+    ctx.obj = {"debug": debug}
+
+
+for module in (encode_cmd, decode_cmd, verify_cmd, store_cmd, demo_cmd, model_cmd, env_cmd):
+    cli.add_command(module.command)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SplitVLMError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

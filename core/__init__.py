@@ -1,0 +1,1 @@
+"""Shared ground of splitvlm: config, profiles, image loading, identity, the vLLM engine."""

@@ -1,0 +1,42 @@
+"""The one configuration object every stage takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class Config:
+    model: str
+    store: str | None = None
+    profile: str = "exact"  # "exact" or "fast", see splitvlm.core.profiles
+    dtype: str = "bfloat16"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    batch_patches: int = 16384  # vision tower budget per encoder step, in patches
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_images_per_prompt: int = 8
+    gpu_memory_utilization: float | None = None  # None: 0.3 on the CPU, 0.85 on a GPU
+    enforce_eager: bool | None = None  # None: eager on the CPU, CUDA graphs on a GPU
+    seed: int = 0
+    loader_threads: int = 4
+    failures: str | None = None
+    overwrite: bool = False
+    on_missing: str = "error"  # error | encode | skip
+    allow_mismatch: bool = False
+    show_progress: bool = True
+
+    def replace(self, **changes) -> Config:
+        return replace(self, **changes)
+
+    @property
+    def mm_processor_kwargs(self) -> dict[str, int]:
+        kwargs = {}
+        if self.min_pixels is not None:
+            kwargs["min_pixels"] = self.min_pixels
+        if self.max_pixels is not None:
+            kwargs["max_pixels"] = self.max_pixels
+        return kwargs

@@ -1,0 +1,158 @@
+"""The one module that builds vLLM engines for splitvlm; everything vLLM-facing goes through Engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from splitvlm.core.config import Config
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.profiles import Profile, get_profile
+
+ARCH = "SplitVLMQwen2VL"
+_process_env: dict[str, str] | None = None
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _prepare_process(profile: Profile, gpu: bool) -> None:
+    """Set the environment vLLM reads once per process; a second, different profile is refused."""
+    global _process_env
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **profile.env(gpu)}
+    if _process_env is not None and _process_env != env:
+        raise SplitVLMError(
+            f"this process already runs vLLM with profile settings {_process_env}; "
+            f"profile {profile.name!r} needs a new process"
+        )
+    if not gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.update(env)
+    _process_env = env
+
+
+def vllm_version() -> str:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except ImportError:
+        return "not installed"
+
+
+class Engine:
+    """A vLLM engine for Qwen2-VL under a splitvlm profile: preprocess, encode, generate."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.profile = get_profile(cfg.profile)
+        self.gpu = on_gpu()
+        _prepare_process(self.profile, self.gpu)
+        try:
+            from vllm import LLM, ModelRegistry
+        except ImportError as exc:
+            raise SplitVLMError(f"vLLM is not installed ({exc}); run `make setup` or pip install 'splitvlm[gpu]'") from None
+
+        ModelRegistry.register_model(ARCH, "splitvlm.core.model:SplitQwen2VL")
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model,
+            hf_overrides={"architectures": [ARCH]},
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enable_mm_embeds=True,
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+            max_num_seqs=cfg.max_num_seqs,
+            gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if self.gpu else 0.3),
+            enforce_eager=(not self.gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        )
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        if cfg.mm_processor_kwargs:
+            kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
+        kwargs.update(self.profile.engine_kwargs(self.gpu))
+        self.llm = LLM(**kwargs)
+        self.model_config = self.llm.llm_engine.model_config
+        hf_config = self.model_config.hf_config
+        self.hidden_size: int = hf_config.text_config.hidden_size if hasattr(hf_config, "text_config") else hf_config.hidden_size
+        self.merge_size: int = hf_config.vision_config.spatial_merge_size
+        self.dtype: torch.dtype = self.model_config.dtype
+        self._mm_processor = None
+
+    # -- preprocessing, exactly as vLLM's multimodal processor does it --
+    def _processor(self):
+        if self._mm_processor is None:
+            from vllm.multimodal import MULTIMODAL_REGISTRY
+
+            self._mm_processor = MULTIMODAL_REGISTRY.create_processor(self.model_config)
+        return self._mm_processor
+
+    def preprocess(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [patches, dim] and image_grid_thw [1, 3] of one PIL image, as vLLM makes them."""
+        info = self._processor().info
+        kwargs = self.cfg.mm_processor_kwargs
+        image_processor = info.get_hf_processor(**kwargs).image_processor
+        out = info.ctx.call_hf_processor(image_processor, {"images": [image]}, kwargs)
+        return out["pixel_values"], out["image_grid_thw"].to(torch.int64)
+
+    def preprocess_identity(self) -> dict[str, Any]:
+        """Every setting of the image processor that changes pixel_values."""
+        info = self._processor().info
+        ip = info.get_hf_processor(**self.cfg.mm_processor_kwargs).image_processor
+        fields = ip.to_dict()
+        fields.pop("processor_class", None)
+        fields["class"] = type(ip).__name__
+        return fields
+
+    # -- the vision tower --
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Embeddings of preprocessed images (concatenated patches), one tensor per image, on the CPU."""
+        (out,) = self.llm.apply_model(lambda model: model.splitvlm_encode(pixel_values, grid_thw))
+        return out
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the embeddings the end-to-end path computes inside vLLM (for tests and checks)."""
+        record: list[torch.Tensor] = []
+
+        def start(model):
+            model.splitvlm_record = record
+
+        def stop(model):
+            model.splitvlm_record = None
+
+        self.llm.apply_model(start)
+        try:
+            yield record
+        finally:
+            self.llm.apply_model(stop)
+
+    # -- generation --
+    def sampling_params(self, max_tokens: int | None = None, stop: Sequence[str] | None = None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens or self.cfg.max_tokens,
+            stop=list(stop if stop is not None else self.cfg.stop) or None,
+            seed=self.cfg.seed,
+            detokenize=True,
+        )
+
+    def generate(self, prompts: list[dict], params=None, progress: bool = False) -> list:
+        """Greedy generation for vLLM prompt dicts; outputs in the prompts' order."""
+        return self.llm.generate(prompts, params or self.sampling_params(), use_tqdm=progress)
+
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def environment(self) -> dict[str, str]:
+        from splitvlm.core.identity import environment
+
+        env = environment()
+        env["profile"] = self.profile.name
+        return env

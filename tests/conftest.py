@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny model built once, one vLLM CPU engine per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from splitvlm.core.make_model import make_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    make_model("tiny", str(out), seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """The one shared vLLM engine (exact profile) for the whole test session."""
+    from splitvlm.core.config import Config
+    from splitvlm.core.engine import Engine
+
+    return Engine(Config(model=tiny_model, max_model_len=2048, show_progress=False))
