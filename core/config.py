@@ -18,6 +18,7 @@ class Config:
     stop: list[str] = field(default_factory=list)
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    batch_jobs: int = 256  # jobs handed to vLLM per generate call (both paths of verify alike)
     max_images_per_prompt: int = 8
     gpu_memory_utilization: float | None = None  # None: 0.3 on the CPU, 0.85 on a GPU
     enforce_eager: bool | None = None  # None: eager on the CPU, CUDA graphs on a GPU

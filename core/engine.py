@@ -32,6 +32,7 @@ def _prepare_process(profile: Profile, gpu: bool) -> None:
         )
     if not gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # splitvlm prints its own progress
     os.environ.update(env)
     _process_env = env
 

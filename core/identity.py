@@ -97,3 +97,35 @@ def model_fingerprint(model: str) -> str:
 def model_id(model: str) -> str:
     """The model as the user named it, absolute when it is a local path."""
     return os.path.abspath(model) if Path(model).expanduser().is_dir() else model
+
+
+LOADER_VERSION = "splitvlm-images-1"  # bump when splitvlm.core.images changes what it produces
+
+
+def _saved_image_processor(root: Path) -> dict | None:
+    if (root / "preprocessor_config.json").is_file():
+        saved = json.loads((root / "preprocessor_config.json").read_text())
+    elif (root / "processor_config.json").is_file():
+        saved = json.loads((root / "processor_config.json").read_text()).get("image_processor")
+    else:
+        return None
+    if saved is not None:
+        saved.pop("processor_class", None)
+    return saved
+
+
+def preprocess_identity(model: str, mm_processor_kwargs: dict) -> dict:
+    """Every image-processor setting that changes pixel_values, from the checkpoint plus overrides."""
+    fields: dict = {"loader": LOADER_VERSION}
+    root = resolve_model_dir(model)
+    saved = _saved_image_processor(root) if root is not None else None
+    if saved is not None:
+        fields.update(saved)
+    else:
+        fields["model"] = model
+    fields.update(mm_processor_kwargs)
+    if "min_pixels" in mm_processor_kwargs or "max_pixels" in mm_processor_kwargs:
+        size = dict(fields.get("size") or {})
+        size.update({"shortest_edge": fields.get("min_pixels"), "longest_edge": fields.get("max_pixels")})
+        fields["size"] = size
+    return fields

@@ -1,0 +1,184 @@
+"""Verifier: run end-to-end (raw images) and split (stored embeddings) on the same jobs, compare bytes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from splitvlm.core.config import Config
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.images import load_image
+from splitvlm.decoder.jobs import Job, build_prompt, is_key
+from splitvlm.decoder.pipeline import Decoder, Result, result_from_output
+from splitvlm.encoder.pipeline import Encoder, Prepared
+from splitvlm.store import EmbeddingStore
+
+
+@dataclass
+class JobComparison:
+    id: str
+    identical: bool
+    first_diff: int | None  # first differing token index, None when identical
+    sha256_split: str
+    sha256_e2e: str
+    text_split: str | None = None
+    text_e2e: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    total: int = 0
+    identical: int = 0
+    profile: str = ""
+    environment: dict = field(default_factory=dict)
+    embeddings_checked: int = 0
+    embeddings_identical: int = 0
+    embedding_mismatches: list[dict] = field(default_factory=list)
+    jobs: list[JobComparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.total > 0 and self.identical == self.total
+                and self.embeddings_identical == self.embeddings_checked)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def table(self) -> str:
+        lines = [f"{'job':<24} {'identical':<9} {'first diff':<10} sha256 (split)"]
+        for j in self.jobs:
+            diff = "-" if j.first_diff is None else str(j.first_diff)
+            mark = "yes" if j.identical else ("ERROR" if j.error else "NO")
+            lines.append(f"{j.id[:24]:<24} {mark:<9} {diff:<10} {j.sha256_split[:16]}")
+            if j.error:
+                lines.append(f"    {j.error}")
+        for m in self.embedding_mismatches:
+            lines.append(f"embedding {m['key'][:16]}… ({m['source']}): {m['error']}")
+        lines.append(f"embeddings identical {self.embeddings_identical}/{self.embeddings_checked}")
+        lines.append(f"identical {self.identical}/{self.total}")
+        return "\n".join(lines)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare(split: Result, e2e: Result) -> JobComparison:
+    error = split.error or e2e.error
+    diff = None if error else first_difference(split.token_ids, e2e.token_ids)
+    identical = error is None and diff is None and split.text.encode() == e2e.text.encode()
+    return JobComparison(
+        id=split.id, identical=identical, first_diff=diff,
+        sha256_split=split.sha256, sha256_e2e=e2e.sha256,
+        text_split=None if identical else split.text, text_e2e=None if identical else e2e.text,
+        error=error,
+    )
+
+
+class Verifier:
+    """Both paths in one engine with the same settings and the same batches."""
+
+    def __init__(self, cfg: Config, engine=None):
+        self.cfg = cfg
+        self.decoder = Decoder(cfg, engine=engine)
+
+    @property
+    def engine(self):
+        return self.decoder.engine
+
+    def _source(self, ref: str, key: str, store: EmbeddingStore) -> str:
+        """The image file behind a job's image: its path, or a stored entry's source with the same key."""
+        if not is_key(ref):
+            return ref
+        source = store.get(key).meta.get("source", "")
+        if source and Path(source).is_file() and self.decoder.keys(Path(source).read_bytes()) == key:
+            return source
+        raise SplitVLMError(f"{key}: no source image to run end to end (its recorded source is {source!r})")
+
+    def end_to_end(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None],
+                   store: EmbeddingStore) -> list[Result]:
+        tokenizer = self.engine.tokenizer()
+        params = self.engine.sampling_params()
+        results: list[Result] = []
+        bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=not self.cfg.show_progress, file=sys.stderr)
+        for start in range(0, len(jobs), self.cfg.batch_jobs):
+            chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
+            prompts, slots = [], []
+            for i in chunk:
+                if errors[i] is not None:
+                    continue
+                try:
+                    images = [load_image(self._source(r, k, store))[1] for r, k in zip(jobs[i].images, keys[i])]
+                except SplitVLMError as exc:
+                    errors[i] = f"job {jobs[i].id}: {exc}"
+                    continue
+                prompts.append({"prompt": build_prompt(tokenizer, jobs[i]), "multi_modal_data": {"image": images}})
+                slots.append(i)
+            outputs = dict(zip(slots, self.engine.generate(prompts, params))) if prompts else {}
+            for i in chunk:
+                if i in outputs:
+                    results.append(result_from_output(jobs[i], outputs[i], keys[i]))
+                else:
+                    results.append(Result(id=jobs[i].id, keys=keys[i], error=errors[i]))
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def check_embeddings(self, jobs: list[Job], keys: list[list[str]], store: EmbeddingStore, report: Report) -> None:
+        """Recompute every stored embedding used with the encoder and compare bit for bit."""
+        encoder = Encoder(self.cfg, engine=self.engine)
+        seen: dict[str, str] = {}
+        for job, job_keys in zip(jobs, keys):
+            for ref, key in zip(job.images, job_keys):
+                seen.setdefault(key, ref)
+        for key, ref in tqdm(seen.items(), unit="img", desc="embeddings", disable=not self.cfg.show_progress, file=sys.stderr):
+            report.embeddings_checked += 1
+            try:
+                source = self._source(ref, key, store)
+                stored = store.get(key)
+                pixel_values, grid = self.engine.preprocess(load_image(source)[1])
+                (fresh,) = encoder.embed([Prepared(source, key, pixel_values, grid)])
+            except SplitVLMError as exc:
+                report.embedding_mismatches.append({"key": key, "source": ref, "error": str(exc)})
+                continue
+            if stored.image_embeds.dtype == fresh.dtype and torch.equal(stored.image_embeds, fresh):
+                report.embeddings_identical += 1
+            else:
+                diff = (stored.image_embeds.float() - fresh.float()).abs()
+                report.embedding_mismatches.append({
+                    "key": key, "source": ref,
+                    "error": f"stored embedding differs from a fresh encode in {int((diff > 0).sum())} "
+                             f"elements (max abs diff {diff.max().item():.3g})"})
+
+    def run(self, jobs: list[Job]) -> Report:
+        report = Report(profile=self.cfg.profile, environment=self.engine.environment())
+        split = self.decoder.generate(jobs)
+        with EmbeddingStore(self.cfg.store, readonly=True) as store:
+            keys = [r.keys for r in split]
+            errors = [r.error for r in split]
+            e2e = self.end_to_end(jobs, keys, errors, store)
+            self.check_embeddings([j for j, e in zip(jobs, errors) if e is None],
+                                  [k for k, e in zip(keys, errors) if e is None], store, report)
+        report.jobs = [compare(s, e) for s, e in zip(split, e2e)]
+        report.total = len(jobs)
+        report.identical = sum(j.identical for j in report.jobs)
+        return report
+
+
+def verify(cfg: Config, jobs: list[Job], report_path: str | None = None, engine=None) -> Report:
+    """Prove split == end-to-end for these jobs; writes the JSON report when a path is given."""
+    report = Verifier(cfg, engine=engine).run(jobs)
+    if report_path:
+        Path(report_path).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+    return report
