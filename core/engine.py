@@ -25,6 +25,9 @@ def _prepare_process(profile: Profile, gpu: bool) -> None:
     """Set the environment vLLM reads once per process; a second, different profile is refused."""
     global _process_env
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **profile.env(gpu)}
+    for name in env:  # SPLITVLM_* knobs already set by the user win (experiments, benchmarks)
+        if name.startswith("SPLITVLM_") and name in os.environ:
+            env[name] = os.environ[name]
     if _process_env is not None and _process_env != env:
         raise SplitVLMError(
             f"this process already runs vLLM with profile settings {_process_env}; "
@@ -60,6 +63,10 @@ class Engine:
             raise SplitVLMError(f"vLLM is not installed ({exc}); run `make setup` or pip install 'splitvlm[gpu]'") from None
 
         ModelRegistry.register_model(ARCH, "splitvlm.core.model:SplitQwen2VL")
+        if os.environ.get("SPLITVLM_INVARIANT_MATMUL") == "1":
+            from splitvlm.core.invariance import enable_invariant_matmul
+
+            enable_invariant_matmul()
         kwargs: dict[str, Any] = dict(
             model=cfg.model,
             hf_overrides={"architectures": [ARCH]},

@@ -34,6 +34,7 @@ class Profile:
                 "VLLM_BATCH_INVARIANT": "1",
                 "CUBLAS_WORKSPACE_CONFIG": ":16:8",
                 "CUBLASLT_WORKSPACE_SIZE": "1",
+                "SPLITVLM_INVARIANT_MATMUL": "1",
             })
         return env
 
@@ -42,10 +43,10 @@ PROFILES = {
     "exact": Profile(
         name="exact",
         exact=True,
-        vision="per_image",
+        vision="batched",
         prefix_caching=False,
-        description="prefix caching off, vision tower one image per call, SDPA vision attention; "
-        "on a GPU also Triton attention and VLLM_BATCH_INVARIANT=1",
+        description="prefix caching off, SDPA vision attention, no processor cache; "
+        "on a GPU also Triton attention, VLLM_BATCH_INVARIANT=1 and batch-invariant Triton matmuls",
     ),
     "fast": Profile(
         name="fast",
