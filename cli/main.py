@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import click
 
@@ -34,6 +36,12 @@ for module in (encode_cmd, decode_cmd, verify_cmd, store_cmd, demo_cmd, model_cm
 
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    if not debug:  # library chatter would bury splitvlm's own lines
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    else:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
