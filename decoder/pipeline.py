@@ -63,13 +63,18 @@ def result_from_output(job: Job, output, keys: list[str]) -> Result:
     )
 
 
-def embeds_input(entries: Sequence[Entry]) -> dict:
-    """vLLM's multi_modal_data for a prompt's images, from their stored entries."""
+def vllm_prompt(text: str, images: dict | list | None) -> dict:
+    """A vLLM prompt dict; text-only jobs carry no multi_modal_data."""
+    return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
+
+
+def embeds_input(entries: Sequence[Entry]) -> dict | None:
+    """The image data of a prompt's stored entries, as vLLM takes embeddings (None without images)."""
+    if not entries:
+        return None
     return {
-        "image": {
-            "image_embeds": torch.cat([e.image_embeds for e in entries]),
-            "image_grid_thw": torch.cat([e.image_grid_thw.reshape(1, 3) for e in entries]),
-        }
+        "image_embeds": torch.cat([e.image_embeds for e in entries]),
+        "image_grid_thw": torch.cat([e.image_grid_thw.reshape(1, 3) for e in entries]),
     }
 
 
@@ -173,8 +178,7 @@ class Decoder:
                         except StoreError as exc:
                             errors[i] = f"job {jobs[i].id}: {exc}"
                             continue
-                        prompts.append({"prompt": build_prompt(tokenizer, jobs[i]),
-                                        "multi_modal_data": embeds_input(entries)})
+                        prompts.append(vllm_prompt(build_prompt(tokenizer, jobs[i]), embeds_input(entries)))
                         slots.append(i)
                 outputs = dict(zip(slots, self.engine.generate(prompts, params))) if prompts else {}
                 for i in chunk:

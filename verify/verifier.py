@@ -14,7 +14,7 @@ from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import load_image
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
-from splitvlm.decoder.pipeline import Decoder, Result, result_from_output
+from splitvlm.decoder.pipeline import Decoder, Result, result_from_output, vllm_prompt
 from splitvlm.encoder.pipeline import Encoder, Prepared
 from splitvlm.store import EmbeddingStore
 
@@ -61,7 +61,7 @@ class Report:
             if j.error:
                 lines.append(f"    {j.error}")
         for m in self.embedding_mismatches:
-            lines.append(f"embedding {m['key'][:16]}… ({m['source']}): {m['error']}")
+            lines.append(f"embedding {m['key'][:16]}… ({m['source']}, jobs {', '.join(m['jobs'])}): {m['error']}")
         lines.append(f"embeddings identical {self.embeddings_identical}/{self.embeddings_checked}")
         lines.append(f"identical {self.identical}/{self.total}")
         return "\n".join(lines)
@@ -123,7 +123,7 @@ class Verifier:
                 except SplitVLMError as exc:
                     errors[i] = f"job {jobs[i].id}: {exc}"
                     continue
-                prompts.append({"prompt": build_prompt(tokenizer, jobs[i]), "multi_modal_data": {"image": images}})
+                prompts.append(vllm_prompt(build_prompt(tokenizer, jobs[i]), images))
                 slots.append(i)
             outputs = dict(zip(slots, self.engine.generate(prompts, params))) if prompts else {}
             for i in chunk:
@@ -139,9 +139,11 @@ class Verifier:
         """Recompute every stored embedding used with the encoder and compare bit for bit."""
         encoder = Encoder(self.cfg, engine=self.engine)
         seen: dict[str, str] = {}
+        users: dict[str, list[str]] = {}
         for job, job_keys in zip(jobs, keys):
             for ref, key in zip(job.images, job_keys):
                 seen.setdefault(key, ref)
+                users.setdefault(key, []).append(job.id)
         for key, ref in tqdm(seen.items(), unit="img", desc="embeddings", disable=not self.cfg.show_progress, file=sys.stderr):
             report.embeddings_checked += 1
             try:
@@ -150,14 +152,14 @@ class Verifier:
                 pixel_values, grid = self.engine.preprocess(load_image(source)[1])
                 (fresh,) = encoder.embed([Prepared(source, key, pixel_values, grid)])
             except SplitVLMError as exc:
-                report.embedding_mismatches.append({"key": key, "source": ref, "error": str(exc)})
+                report.embedding_mismatches.append({"key": key, "source": ref, "jobs": users[key], "error": str(exc)})
                 continue
             if stored.image_embeds.dtype == fresh.dtype and torch.equal(stored.image_embeds, fresh):
                 report.embeddings_identical += 1
             else:
                 diff = (stored.image_embeds.float() - fresh.float()).abs()
                 report.embedding_mismatches.append({
-                    "key": key, "source": ref,
+                    "key": key, "source": ref, "jobs": users[key],
                     "error": f"stored embedding differs from a fresh encode in {int((diff > 0).sum())} "
                              f"elements (max abs diff {diff.max().item():.3g})"})
 

@@ -1,0 +1,98 @@
+"""Encoder: a folder with good and bad images gives a store of exactly the good ones, equal to vLLM's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import config
+from PIL import Image
+
+from splitvlm.core.samples import save_corpus, synthetic_image
+from splitvlm.encoder import Encoder
+from splitvlm.encoder.inputs import expand_inputs
+from splitvlm.encoder.keys import KeyMaker
+from splitvlm.store import EmbeddingStore
+
+SIZES = [(64, 64), (96, 72), (72, 120), (140, 100), (56, 200)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    good = save_corpus(root / "imgs", 22, seed=3, sizes=SIZES)
+    sub = root / "imgs" / "nested"
+    sub.mkdir()
+    synthetic_image(99, (80, 80)).save(sub / "deep.png")
+    good.append(str(sub / "deep.png"))
+    bad = {
+        "zero.png": b"",
+        "text.jpg": b"this is not an image",
+        "truncated.png": (root / "imgs" / "img00000.png").read_bytes()[:100],
+    }
+    for name, data in bad.items():
+        (root / "imgs" / name).write_bytes(data)
+    Image.new("RGB", (1200, 4), "red").save(root / "imgs" / "thin.png")
+    (root / "imgs" / "dir.png").mkdir()
+    (root / "imgs" / "link.png").symlink_to(root / "nowhere.png")
+    bad_names = set(bad) | {"thin.png", "dir.png", "link.png"}
+    return root, good, bad_names
+
+
+def test_folder_with_bad_files(tiny_model, engine, corpus, tmp_path):
+    root, good, bad_names = corpus
+    failures = tmp_path / "failures.jsonl"
+    cfg = config(tiny_model, tmp_path / "store", failures=str(failures), batch_patches=600)
+    stats = Encoder(cfg, engine=engine).encode([str(root / "imgs")])
+    assert stats.encoded == len(good) and stats.failed == len(bad_names)
+    failed = [json.loads(line) for line in failures.read_text().splitlines()]
+    assert {f["path"].rsplit("/", 1)[1] for f in failed} == bad_names
+    assert all(f["error"] and "\n" not in f["error"] for f in failed)
+    keys = KeyMaker(cfg)
+    with EmbeddingStore(cfg.store) as store:
+        assert len(store) == len(good)
+        assert set(store.keys()) == {keys(open(p, "rb").read()) for p in good}
+        entry = store.get(keys(open(good[0], "rb").read()))
+        assert entry.meta["source"] == good[0] and entry.meta["vllm_version"] and entry.meta["device"]
+
+    again = Encoder(cfg, engine=engine).encode([str(root / "imgs")])
+    assert again.encoded == 0 and again.skipped == len(good) and again.failed == len(bad_names)
+
+
+def test_stored_embeddings_equal_vllms_own_end_to_end(tiny_model, engine, corpus, tmp_path):
+    _, good, _ = corpus
+    cfg = config(tiny_model, tmp_path / "store")
+    Encoder(cfg, engine=engine).encode(good[:8])
+    tok = engine.tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    from splitvlm.core.images import load_image
+
+    with engine.recording() as recorded:
+        engine.generate([{"prompt": text, "multi_modal_data": {"image": load_image(p)[1]}} for p in good[:8]],
+                        engine.sampling_params(max_tokens=1))
+    keys = KeyMaker(cfg)
+    with EmbeddingStore(cfg.store) as store:
+        stored = [store.get(keys(open(p, "rb").read())).image_embeds for p in good[:8]]
+    assert len(recorded) == 8
+    for s in stored:
+        assert any(r.dtype == s.dtype and r.shape == s.shape and torch.equal(r, s) for r in recorded)
+    # and the check has teeth: a one-ulp change is not equal
+    bumped = stored[0].clone()
+    bumped.view(-1).view(torch.int16)[0] += 1
+    assert not any(r.shape == bumped.shape and torch.equal(r, bumped) for r in recorded)
+
+
+def test_input_forms_and_duplicates(tiny_model, engine, corpus, tmp_path):
+    root, good, _ = corpus
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(good[:3]) + "\n")
+    jsonl = tmp_path / "imgs.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": p}) + "\n" for p in good[2:5]))
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(open(good[0], "rb").read())
+    specs = [str(listing), str(jsonl), str(root / "imgs" / "img0000[5-6].png"), str(copy)]
+    assert len(expand_inputs(specs)) == 8
+    stats = Encoder(config(tiny_model, tmp_path / "store"), engine=engine).encode(specs)
+    assert stats.encoded == 7 and stats.duplicates == 1 and stats.failed == 0
