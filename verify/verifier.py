@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ class JobComparison:
     first_diff: int | None  # first differing token index, None when identical
     sha256_split: str
     sha256_e2e: str
+    tokens_sha256: str = ""  # of the split path's token ids, so outputs can be told apart without text
     text_split: str | None = None
     text_e2e: str | None = None
     error: str | None = None
@@ -40,6 +43,7 @@ class Report:
     embeddings_checked: int = 0
     embeddings_identical: int = 0
     embedding_mismatches: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # split, end_to_end, embedding_check
     jobs: list[JobComparison] = field(default_factory=list)
 
     @property
@@ -81,6 +85,7 @@ def compare(split: Result, e2e: Result) -> JobComparison:
     return JobComparison(
         id=split.id, identical=identical, first_diff=diff,
         sha256_split=split.sha256, sha256_e2e=e2e.sha256,
+        tokens_sha256=hashlib.sha256(json.dumps(split.token_ids).encode()).hexdigest(),
         text_split=None if identical else split.text, text_e2e=None if identical else e2e.text,
         error=error,
     )
@@ -165,13 +170,17 @@ class Verifier:
 
     def run(self, jobs: list[Job]) -> Report:
         report = Report(profile=self.cfg.profile, environment=self.engine.environment())
+        t0 = time.perf_counter()
         split = self.decoder.generate(jobs)
+        t1 = time.perf_counter()
         with EmbeddingStore(self.cfg.store, readonly=True) as store:
             keys = [r.keys for r in split]
             errors = [r.error for r in split]
             e2e = self.end_to_end(jobs, keys, errors, store)
+            t2 = time.perf_counter()
             self.check_embeddings([j for j, e in zip(jobs, errors) if e is None],
                                   [k for k, e in zip(keys, errors) if e is None], store, report)
+        report.seconds = {"split": t1 - t0, "end_to_end": t2 - t1, "embedding_check": time.perf_counter() - t2}
         report.jobs = [compare(s, e) for s, e in zip(split, e2e)]
         report.total = len(jobs)
         report.identical = sum(j.identical for j in report.jobs)
