@@ -1,8 +1,132 @@
-"""`splitvlm store` (not yet built)."""
+"""`splitvlm store`: inspect and maintain an embedding store (stats, ls, check, get, rm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
 
 import click
+
+store_option = click.option(
+    "--store", "store_path", required=True, type=click.Path(file_okay=False), help="The store folder."
+)
+
+
+def _open(path: str, readonly: bool = True):
+    from splitvlm.store import EmbeddingStore
+
+    return EmbeddingStore(path, readonly=readonly)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="entry", file=sys.stderr, disable=None, leave=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 @click.group("store")
 def command() -> None:
-    """Inspect and maintain an embedding store (not yet built)."""
+    """Inspect and maintain an embedding store."""
+
+
+@command.command("stats")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
+def stats_cmd(store_path: str, as_json: bool) -> None:
+    """Entries, bytes, models and dtypes of a store."""
+    with _open(store_path) as store, _progress(len(store), "reading headers") as bar:
+        stats = store.stats(progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, sort_keys=True))
+        return
+    click.echo(f"{stats['entries']} entries, {_size(stats['bytes'])} of values, {_size(stats['file_bytes'])} on disk")
+    for title, name in (("models", "models"), ("dtypes", "dtypes"), ("profiles", "profiles"), ("hidden sizes", "hidden_sizes")):
+        counts = stats[name]
+        if counts:
+            click.echo(f"{title}: " + ", ".join(f"{k or '(none)'} ({n})" for k, n in sorted(counts.items())))
+    if stats["unreadable_headers"]:
+        click.echo(f"unreadable headers: {stats['unreadable_headers']} (run `splitvlm store check`)")
+
+
+@command.command("ls")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of columns.")
+def ls_cmd(store_path: str, as_json: bool) -> None:
+    """List the entries: key, tokens x hidden, dtype, model, source."""
+    with _open(store_path) as store:
+        for info in store.headers():
+            if as_json:
+                click.echo(json.dumps(info, sort_keys=True))
+            elif "error" in info:
+                click.echo(f"{info['key']}  {info['error']}")
+            else:
+                shape = f"{info['n_tokens']}x{info['hidden_size']}"
+                click.echo(f"{info['key']}  {shape:>10}  {info['dtype']:<8}  {info['model_id']}  {info['source']}")
+
+
+@command.command("check")
+@store_option
+@click.option("--hidden-size", type=int, help="Also check against a model with this hidden size ...")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="... this dtype ...")
+@click.option("--merge-size", type=int, help="... and this spatial merge size (all three together).")
+def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge_size: int | None) -> None:
+    """Read and check every entry; print each bad one; exit 1 if any is bad."""
+    from splitvlm.store import Expect
+
+    given = [v is not None for v in (hidden_size, dtype, merge_size)]
+    if any(given) and not all(given):
+        raise click.UsageError("--hidden-size, --dtype and --merge-size go together")
+    expect = Expect(hidden_size, dtype, merge_size) if all(given) else None
+    checked = bad = 0
+    with _open(store_path) as store, _progress(len(store), "checking") as bar:
+        for _, problem in store.check(expect, progress=bar.update):
+            checked += 1
+            if problem is not None:
+                bad += 1
+                bar.clear()
+                click.echo(problem)
+    click.echo(f"{checked} entries checked, {bad} bad")
+    if bad:
+        sys.exit(1)
+
+
+@command.command("get")
+@store_option
+@click.argument("key")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .safetensors file to write.")
+def get_cmd(store_path: str, key: str, out: str) -> None:
+    """Write one entry, checked, to a safetensors file (tensors and metadata as stored)."""
+    with _open(store_path) as store:
+        blob = store.blob(key)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise click.ClickException(f"{out}: cannot write ({exc.strerror or exc})") from None
+    click.echo(f"wrote {out} ({_size(len(blob))})")
+
+
+@command.command("rm")
+@store_option
+@click.argument("keys", nargs=-1, required=True)
+def rm_cmd(store_path: str, keys: tuple[str, ...]) -> None:
+    """Remove entries (in one transaction); exit 1 if any key was not there."""
+    with _open(store_path, readonly=False) as store:
+        absent = store.missing(keys)
+        removed = store.delete(keys)
+    for key in absent:
+        click.echo(f"{key}: missing", err=True)
+    click.echo(f"removed {removed} entries")
+    if absent:
+        sys.exit(1)

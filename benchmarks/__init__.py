@@ -1,0 +1,1 @@
+"""Benchmarks of splitvlm: `python -m benchmarks.<name>`; results go to benchmarks/results/."""

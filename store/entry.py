@@ -1,0 +1,207 @@
+"""One store entry as tensors, and its value as a safetensors blob: written, then read back checked."""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from dataclasses import dataclass, field
+
+import blake3
+import torch
+
+from splitvlm.store.blob import Blob, raw_bytes, read_header, safetensors_blob, tensor_views
+from splitvlm.store.errors import StoreError
+from splitvlm.store.key import is_key
+
+FORMAT = "splitvlm.store/1"
+CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile", "source")
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
+
+
+@dataclass
+class Entry:
+    key: str
+    image_embeds: torch.Tensor  # [n_tokens, hidden], the model's dtype
+    image_grid_thw: torch.Tensor  # int64 [1, 3]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.image_embeds.shape[0])
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the model about to consume an entry needs."""
+
+    hidden_size: int
+    dtype: torch.dtype
+    merge_size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):  # "bfloat16" or "torch.bfloat16" also do
+            name = self.dtype.removeprefix("torch.")
+            if name not in DTYPES:
+                raise StoreError(f"Expect: unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+            object.__setattr__(self, "dtype", DTYPES[name])
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))  # type: ignore[arg-type]
+
+
+def tensor_checksum(embeds: torch.Tensor, grid: torch.Tensor) -> str:
+    """blake3 hex of the raw (little-endian) bytes of image_embeds, then image_grid_thw."""
+    h = blake3.blake3()
+    h.update(raw_bytes(embeds))
+    h.update(raw_bytes(grid))
+    return h.hexdigest()
+
+
+def meta_checksum(meta: dict[str, str]) -> str:
+    """blake3 hex of every metadata field but meta_checksum, sorted, each name and value length-prefixed."""
+    parts = []
+    for name in sorted(meta):
+        if name != "meta_checksum":
+            for text in (name, meta[name]):
+                data = text.encode("utf-8", "surrogatepass")  # never fails, even on a damaged header
+                parts += (struct.pack("<Q", len(data)), data)
+    return blake3.blake3(b"".join(parts)).hexdigest()
+
+
+def tokens_fit(n_tokens: int, grid: list[int], merge_size: int | None = None) -> bool:
+    """n_tokens == t*h*w / merge²; without a merge size, some whole merge size must make it so."""
+    patches = math.prod(grid)
+    if merge_size is not None:
+        return patches == n_tokens * merge_size * merge_size
+    if n_tokens <= 0 or patches % n_tokens:
+        return False
+    square = patches // n_tokens
+    return math.isqrt(square) ** 2 == square
+
+
+def encode_blob(entry: Entry) -> bytes:
+    """The safetensors bytes stored for an entry; fills the store's own metadata fields."""
+    return encode_entry(entry).to_bytes()
+
+
+def encode_entry(entry: Entry) -> Blob:
+    """The value stored for an entry, as parts; checks the entry and fills the store's metadata fields."""
+    key = entry.key
+    if not isinstance(key, str) or not is_key(key):
+        raise StoreError(f"{key!r}: not a store key (64 lowercase hex digits from make_key)")
+    embeds, grid = entry.image_embeds, entry.image_grid_thw
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2 or embeds.dtype not in DTYPE_NAMES:
+        raise StoreError(f"{key}: image_embeds must be a 2-D bfloat16, float16 or float32 tensor")
+    if embeds.shape[0] == 0 or embeds.shape[1] == 0:
+        raise StoreError(f"{key}: image_embeds is empty, shape {list(embeds.shape)}")
+    if not isinstance(grid, torch.Tensor) or grid.numel() != 3 or grid.dtype.is_floating_point:
+        raise StoreError(f"{key}: image_grid_thw must be an integer tensor of 3 values")
+    embeds = embeds.detach().to("cpu").contiguous()
+    grid = grid.detach().to("cpu", torch.int64).reshape(1, 3).contiguous()
+    thw = grid[0].tolist()
+    if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
+        raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
+    meta = {name: "" for name in CALLER_FIELDS}
+    for name, value in entry.meta.items():
+        if not isinstance(name, str) or not isinstance(value, (str, type(None))):
+            raise StoreError(f"{key}: metadata {name!r} must map to a string, got {type(value).__name__}")
+        # a file name's undecodable bytes come as lone surrogates, which UTF-8 cannot hold
+        meta[name] = (value or "").encode("utf-8", "backslashreplace").decode("utf-8")
+    meta.update(
+        key=key,
+        format=FORMAT,
+        hidden_size=str(embeds.shape[1]),
+        dtype=DTYPE_NAMES[embeds.dtype],
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        checksum=tensor_checksum(embeds, grid),
+    )
+    meta["meta_checksum"] = meta_checksum(meta)
+    return safetensors_blob([("image_grid_thw", grid), ("image_embeds", embeds)], meta)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def checked_meta(key: str, header: dict) -> dict[str, str]:
+    """The metadata of a parsed header, after its own checksum and the key it was stored for."""
+    meta = header["__metadata__"]
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise StoreError(f"{key}: metadata values are not all strings")
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"{key}: unknown entry format {meta.get('format')!r}, expected {FORMAT}")
+    if meta_checksum(meta) != meta.get("meta_checksum"):
+        raise StoreError(f"{key}: metadata checksum mismatch (the header was changed)")
+    if meta.get("key") != key:
+        raise StoreError(f"{key}: holds the entry of another key {str(meta.get('key'))[:16]}…")
+    return meta
+
+
+def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect | None = None) -> Entry:
+    """The entry in a stored blob, after every check; StoreError with one line naming the key otherwise.
+
+    The tensors view blob when it is writable (a bytearray or a writable memoryview), else a copy.
+    """
+    if isinstance(blob, bytes) or (isinstance(blob, memoryview) and blob.readonly):
+        blob = bytearray(blob)
+    try:
+        header = read_header(blob)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{key}: unreadable safetensors header ({_first_line(exc)})") from None
+    meta = checked_meta(key, header)
+    try:
+        tensors = tensor_views(header, blob)
+    except Exception as exc:  # whatever a damaged header makes of the tensor table
+        raise StoreError(f"{key}: unreadable tensors ({_first_line(exc)})") from None
+    if set(tensors) != TENSOR_NAMES:
+        raise StoreError(f"{key}: tensors {sorted(tensors)}, expected {sorted(TENSOR_NAMES)}")
+    embeds, grid = tensors["image_embeds"], tensors["image_grid_thw"]
+    computed = tensor_checksum(embeds, grid)
+    if computed != meta.get("checksum"):
+        raise StoreError(
+            f"{key}: checksum mismatch (stored {meta.get('checksum', '')[:16]}…, computed {computed[:16]}…)"
+        )
+    check_tensors(key, embeds, grid, meta, expect)
+    return Entry(key, embeds, grid, meta)
+
+
+def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict, expect: Expect | None) -> None:
+    """Shape, dtype and hidden size, against the entry's own metadata and the caller's model."""
+    if grid.dtype != torch.int64 or list(grid.shape) != [1, 3]:
+        raise StoreError(f"{key}: image_grid_thw is {dtype_name(grid.dtype)} {list(grid.shape)}, expected int64 [1, 3]")
+    if embeds.dim() != 2 or embeds.dtype not in DTYPE_NAMES:
+        raise StoreError(f"{key}: image_embeds is {dtype_name(embeds.dtype)} {list(embeds.shape)}, expected 2-D float")
+    dtype, hidden, thw = DTYPE_NAMES[embeds.dtype], int(embeds.shape[1]), grid[0].tolist()
+    if meta.get("dtype") != dtype or meta.get("hidden_size") != str(hidden):
+        raise StoreError(
+            f"{key}: tensor is {dtype} with hidden size {hidden}, metadata says "
+            f"{meta.get('dtype')} with {meta.get('hidden_size')}"
+        )
+    if expect is None:
+        if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
+            raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
+        return
+    if embeds.dtype != expect.dtype:
+        raise StoreError(f"{key}: dtype {dtype}, model needs {dtype_name(expect.dtype)}")
+    if hidden != expect.hidden_size:
+        raise StoreError(f"{key}: hidden size {hidden}, model needs {expect.hidden_size}")
+    if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw, expect.merge_size):
+        need = math.prod(thw) / expect.merge_size**2
+        raise StoreError(
+            f"{key}: {embeds.shape[0]} embedding rows, but image_grid_thw {thw} with merge size "
+            f"{expect.merge_size} needs {need:g}"
+        )
+
+
+def describe(key: str, blob: bytes | memoryview) -> dict:
+    """What the header says about an entry, without reading its tensors (for ls and stats)."""
+    header = read_header(blob)
+    meta = header["__metadata__"]
+    shape = header.get("image_embeds", {}).get("shape", [])
+    fields = {k: meta.get(k, "") for k in ("model_id", "dtype", "hidden_size", "profile", "created", "source")}
+    return {"key": key, "n_tokens": shape[0] if shape else None, **fields, "bytes": len(blob)}
