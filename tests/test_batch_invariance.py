@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 from benchmarks.exactness import chat_prompt, encode_all, run_chunks
-
 from splitvlm.core.samples import PROMPTS, synthetic_image
 
 
