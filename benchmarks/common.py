@@ -1,0 +1,184 @@
+"""Helpers shared by bench_encode and bench_decode: images, FLOPs, the matmul peak, reports."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# splitvlm is imported inside the functions that need it: the peak's child process needs torch alone.
+RESULTS = Path(__file__).parent / "results"
+SMOKE_SIZES = [(64, 64), (96, 128), (128, 96), (112, 112)]  # small enough for a 2-core CPU
+
+
+def sizes_for(smoke: bool) -> list[tuple[int, int]]:
+    """The image sizes (width, height) of a run: 224-800 px, or a few tiny ones for --smoke."""
+    from splitvlm.core.samples import SIZES
+
+    return list(SMOKE_SIZES if smoke else SIZES)
+
+
+def size_label(size: Sequence[int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def write_images(folder: Path, first: int, n: int, sizes: Sequence[tuple[int, int]],
+                 seed: int = 7, threads: int = 8) -> list[str]:
+    """PNG files of synthetic images first..first+n-1, size cycling through sizes; their paths."""
+    from splitvlm.core.samples import synthetic_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> str:
+        path = folder / f"img{i:06d}.png"
+        synthetic_image(i, tuple(sizes[i % len(sizes)]), seed).save(path, compress_level=1)
+        return str(path)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(write, range(first, first + n)))
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """What the vision tower's FLOPs depend on, read from the model's config.json."""
+
+    depth: int
+    embed_dim: int
+    mlp_ratio: float
+    merge: int
+    out_hidden: int
+    patch: int
+    temporal_patch: int
+    channels: int
+
+    @classmethod
+    def from_model(cls, model: str) -> VisionShape:
+        from splitvlm.core.errors import SplitVLMError
+        from splitvlm.core.identity import resolve_model_dir
+
+        root = resolve_model_dir(model)
+        if root is None or not (root / "config.json").is_file():
+            raise SplitVLMError(f"{model}: no local config.json to read the vision tower's shape from")
+        vc = json.loads((root / "config.json").read_text())["vision_config"]
+        return cls(
+            depth=int(vc["depth"]),
+            embed_dim=int(vc["embed_dim"]),
+            mlp_ratio=float(vc.get("mlp_ratio", 4)),
+            merge=int(vc.get("spatial_merge_size", 2)),
+            out_hidden=int(vc["hidden_size"]),
+            patch=int(vc.get("patch_size", 14)),
+            temporal_patch=int(vc.get("temporal_patch_size", 2)),
+            channels=int(vc.get("in_channels", vc.get("in_chans", 3))),
+        )
+
+    def flops(self, grid_thw: Sequence[int]) -> float:
+        """Estimated FLOPs of one image (t, h, w in patches), attention full within each frame."""
+        t, h, w = (int(v) for v in grid_thw)
+        p, d, m2 = t * h * w, self.embed_dim, self.merge**2
+        block = 2 * p * (4 * d * d + 2 * self.mlp_ratio * d * d) + t * 4 * (h * w) ** 2 * d
+        embed = 2 * p * (self.channels * self.temporal_patch * self.patch**2) * d
+        merger = 2 * (p / m2) * ((m2 * d) ** 2 + (m2 * d) * self.out_hidden)
+        return self.depth * block + embed + merger
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(n: int, repeats: int = 3, min_seconds: float = 0.3) -> dict:
+    """The best bf16 n x n x n matmul rate of this device, in TFLOP/s (best of repeats)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = a @ b  # warm-up, and the iteration count for about min_seconds a repeat
+    sync()
+    t0 = time.perf_counter()
+    c = a @ b
+    sync()
+    iters = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            c = a @ b
+        sync()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12)
+    del a, b, c
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"tflops": best, "n": n, "dtype": "bfloat16", "iterations": iters, "repeats": repeats}
+
+
+PEAK_ENV_DROPPED = ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", "VLLM_BATCH_INVARIANT")
+
+
+def measure_peak(n: int) -> dict:
+    """The bf16 matmul peak; on a GPU in a child process with plain cuBLAS settings.
+
+    The exact profile routes aten::mm through Triton kernels and pins cuBLAS workspaces for
+    the whole process, so the peak is measured where neither applies.
+    """
+    if not torch.cuda.is_available():
+        return {**matmul_peak_tflops(n), "where": "this process"}
+    env = {k: v for k, v in os.environ.items() if k not in PEAK_ENV_DROPPED}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from benchmarks.common import matmul_peak_tflops; "
+            "print(json.dumps(matmul_peak_tflops(int(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1]), str(n)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode == 0:
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "where": "a child process, plain cuBLAS"}
+    print(f"peak in a child process failed, measuring here instead:\n{out.stderr[-2000:]}", file=sys.stderr)
+    return {**matmul_peak_tflops(n), "where": "this process (the child failed)"}
+
+
+def encode_batches(engine, prepared: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   batch_patches: int) -> tuple[list[torch.Tensor], float]:
+    """vLLM's vision tower on preprocessed images, batched by patches as the Encoder does; (embeds, seconds)."""
+    out: list[torch.Tensor] = []
+    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+    budget = 0
+    sync()
+    t0 = time.perf_counter()
+    for pv, grid in [*prepared, (None, None)]:
+        n = 0 if grid is None else int(grid.prod())
+        if batch and (grid is None or budget + n > batch_patches):
+            out.extend(engine.encode(torch.cat([p for p, _ in batch]),
+                                     torch.cat([g.reshape(1, 3) for _, g in batch])))
+            batch, budget = [], 0
+        if grid is not None:
+            batch.append((pv, grid))
+            budget += n
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m", module, *args])
+
+
+def write_report(report: dict, out: str) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def goal(value: float, target: float, at_least: bool = True) -> dict:
+    """A goal as it came out in this run: the measured value, the target and whether it was met."""
+    met = value >= target if at_least else value < target
+    return {"value": round(value, 4), "target": f"{'>=' if at_least else '<'} {target}", "met": met}

@@ -1,0 +1,80 @@
+"""bench_encode and bench_decode in --smoke mode on the session engine, and the plots of their results."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str):
+    """A module of the benchmarks package (a plain folder at the repo root, run as python -m)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.fixture(scope="module")
+def results(engine, tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench_results")
+    for name in ("bench_encode", "bench_decode"):
+        argv = ["--smoke", "--model", tiny_model, "--out", str(out / f"{name}.json"), "--dir", str(out)]
+        bench(name).main(argv, engine=engine)
+    return out
+
+
+def read(results: Path, name: str) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+HEADER = {"benchmark", "date", "command", "device", "vllm", "torch", "profile", "environment", "smoke", "goals"}
+
+
+def test_encode_report(results):
+    report = read(results, "bench_encode")
+    assert HEADER <= set(report) and report["smoke"] and report["profile"] == "exact"
+    assert report["peak"]["tflops"] > 0 and "--smoke" in report["command"]
+    assert set(report["mixes"]) == {"8", "16"}
+    for mix in report["mixes"].values():
+        for side in ("encoder", "tower"):
+            for rate in ("images_per_s", "patches_per_s", "tflops", "share_of_peak"):
+                assert mix[side][rate] > 0, (side, rate)
+        assert 0 < mix["encoder"]["store_share"] < 1 and mix["patches"] > 0
+    assert [row["size"] for row in report["per_size"]] == ["64x64", "96x128", "128x96", "112x112"]
+    assert all(row["images_per_s"] > 0 and row["patches_per_image"] > 0 for row in report["per_size"])
+    assert set(report["goals"]) == {"encoder_share_of_peak", "store_share_of_wall"}
+
+
+def test_decode_report(results):
+    report = read(results, "bench_decode")
+    assert HEADER <= set(report) and report["cuda_graphs"] is False
+    assert [r["max_tokens"] for r in report["results"]] == [4, 8]
+    for row in report["results"]:
+        for side in ("end_to_end", "store"):
+            assert row[side]["requests_per_s"] > 0 and row[side]["output_tokens_per_s"] > 0
+            assert row[side]["output_tokens"] == row["jobs"] * row["max_tokens"]  # EOS ignored
+        assert row["speedup"] == pytest.approx(row["store"]["requests_per_s"] / row["end_to_end"]["requests_per_s"])
+    assert set(report["goals"]) == {"speedup_at_4", "speedup_at_8"}
+
+
+def test_plots(results, tmp_path):
+    plots = bench("plots")
+    written = plots.main(["--results", str(results), "--out", str(tmp_path / "img")])
+    assert sorted(p.name for p in written) == sorted([plots.ENCODE_PNG, plots.DECODE_PNG])
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    assert plots.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "img2")]) == []
+
+
+def test_vision_flops_formula():
+    shape = bench("common").VisionShape(depth=32, embed_dim=1280, mlp_ratio=4, merge=2, out_hidden=1536,
+                                        patch=14, temporal_patch=2, channels=3)
+    p, d = 1 * 32 * 40, 1280
+    per_block = 2 * p * (4 * d * d + 2 * 4 * d * d) + 4 * p * p * d
+    expected = 32 * per_block + 2 * p * (3 * 2 * 14 * 14) * d + 2 * (p / 4) * ((4 * d) ** 2 + 4 * d * 1536)
+    assert shape.flops([1, 32, 40]) == pytest.approx(expected)
+    assert shape.flops([1, 32, 40]) / 1e12 == pytest.approx(1.9, abs=0.1)  # about 1.9 TFLOP a 448x560 image
