@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bench", default="encode,decode", help="Which benchmarks follow the verify run ('' for none).")
+    ap.add_argument("--skip-verify", action="store_true")
     args = ap.parse_args()
     out = Path(args.out_dir)
     work = Path("/tmp/splitvlm-suite") / args.profile
@@ -54,20 +55,26 @@ def main() -> None:
                                    ensure_ascii=False) + "\n")
     stats = Encoder(cfg, engine=engine).encode(paths)
     summary["encode"] = stats.to_dict()
-    report = verify(cfg, read_jobs(str(jobs_file)), report_path=str(out / f"verify_{args.profile}.json"), engine=engine)
+    if not args.skip_verify:
+        run_verify(cfg, engine, jobs_file, out, summary)
+    if "encode" in args.bench:
+        bench_encode.main(["--model", args.model, "--profile", args.profile, "--out",
+                           str(out / f"bench_encode_{args.profile}.json")], engine=engine)
+    if "decode" in args.bench:
+        bench_decode.main(["--model", args.model, "--profile", args.profile, "--out",
+                           str(out / f"bench_decode_{args.profile}.json")], engine=engine)
+
+
+def run_verify(cfg: Config, engine, jobs_file: Path, out: Path, summary: dict) -> None:
+    report = verify(cfg, read_jobs(str(jobs_file)), report_path=str(out / f"verify_{cfg.profile}.json"), engine=engine)
     summary["verify"] = {"total": report.total, "identical": report.identical, "ok": report.ok,
                          "embeddings": f"{report.embeddings_identical}/{report.embeddings_checked}",
                          "seconds": report.seconds,
                          "split_requests_per_s": report.total / report.seconds["split"],
                          "e2e_requests_per_s": report.total / report.seconds["end_to_end"],
                          "distinct_outputs": len({j.tokens_sha256 for j in report.jobs})}
-    (out / f"suite_{args.profile}.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / f"suite_{cfg.profile}.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary["verify"], indent=1))
-    if not args.skip_bench:
-        bench_encode.main(["--model", args.model, "--profile", args.profile, "--out",
-                           str(out / f"bench_encode_{args.profile}.json")], engine=engine)
-        bench_decode.main(["--model", args.model, "--profile", args.profile, "--out",
-                           str(out / f"bench_decode_{args.profile}.json")], engine=engine)
 
 
 if __name__ == "__main__":
