@@ -13,6 +13,8 @@ from pathlib import Path
 import blake3
 import torch
 
+from splitvlm.core.errors import SplitVLMError
+
 
 def _version(dist: str) -> str:
     try:
@@ -49,8 +51,9 @@ def environment() -> dict[str, str]:
     }
 
 
-def resolve_model_dir(model: str) -> Path | None:
-    """A local checkpoint directory for a path or a hub id already in the local cache; else None."""
+def resolve_model_dir(model: str, download: bool = False) -> Path | None:
+    """A local checkpoint directory for a path or a hub id (from the local cache, or fetched
+    when download is True and the hub is reachable); None when there is none."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -59,7 +62,16 @@ def resolve_model_dir(model: str) -> Path | None:
 
         return Path(snapshot_download(model, local_files_only=True))
     except Exception:
-        return None
+        pass
+    if download:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model))
+        except Exception as exc:
+            raise SplitVLMError(f"model {model!r}: not a local folder and not fetchable from the hub "
+                                f"({type(exc).__name__})") from None
+    return None
 
 
 def _tensor_bytes(file: Path, prefix: str) -> list[tuple[str, bytes]]:
@@ -80,9 +92,8 @@ def _tensor_bytes(file: Path, prefix: str) -> list[tuple[str, bytes]]:
 @functools.lru_cache(maxsize=8)
 def model_fingerprint(model: str) -> str:
     """blake3 of the vision config and the vision weights' bytes (or the hub id when not local)."""
-    root = resolve_model_dir(model)
-    if root is None:
-        return "hub:" + model
+    # A hub id is fetched first, so its keys do not change once vLLM has downloaded it.
+    root = resolve_model_dir(model, download=True)
     h = blake3.blake3()
     config = json.loads((root / "config.json").read_text())
     h.update(json.dumps(config.get("vision_config", {}), sort_keys=True).encode())
