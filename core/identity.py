@@ -23,6 +23,12 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _splitvlm_version() -> str:
+    from splitvlm import __version__
+
+    return __version__
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -41,7 +47,7 @@ def vllm_version() -> str:
 def environment() -> dict[str, str]:
     """The versions that decide an output's bytes; recorded in every store entry and report."""
     return {
-        "splitvlm": _version("splitvlm"),
+        "splitvlm": _splitvlm_version(),
         "vllm": vllm_version(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
