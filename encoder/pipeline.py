@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.core.images import load_image
+from splitvlm.core.images import decode_image, read_image_bytes
+from splitvlm.core.lock import check_lock
 from splitvlm.encoder.inputs import expand_inputs
 from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore, Entry
@@ -103,6 +104,8 @@ class Encoder:
     def __init__(self, cfg: Config, engine=None):
         if not cfg.store:
             raise SplitVLMError("no store given (--store PATH)")
+        if cfg.lock:
+            check_lock(cfg.lock)
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine
@@ -122,8 +125,6 @@ class Encoder:
 
     def _keyed(self, paths: list[str], stats: Stats) -> Iterator[tuple[str, bytes, str]]:
         """(path, bytes, key) of every readable input; unreadable ones become failures."""
-        from splitvlm.core.images import read_image_bytes
-
         def read(path: str):
             try:
                 data = read_image_bytes(path)
@@ -144,7 +145,10 @@ class Encoder:
         def prepare(item: tuple[str, str]):
             path, key = item
             try:
-                _, image = load_image(path)
+                data = read_image_bytes(path)
+                if self.keys(data) != key:  # the file changed since it was keyed: never store a wrong tensor
+                    return path, f"{path}: changed while encoding; run again"
+                image = decode_image(data, path)
                 pixel_values, grid = self.engine.preprocess(image)
                 return Prepared(path, key, pixel_values, grid)
             except SplitVLMError as exc:

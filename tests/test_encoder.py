@@ -96,3 +96,22 @@ def test_input_forms_and_duplicates(tiny_model, engine, corpus, tmp_path):
     assert len(expand_inputs(specs)) == 8
     stats = Encoder(config(tiny_model, tmp_path / "store"), engine=engine).encode(specs)
     assert stats.encoded == 7 and stats.duplicates == 1 and stats.failed == 0
+
+
+def test_file_changed_while_encoding_is_not_stored(tiny_model, engine, corpus, tmp_path, monkeypatch):
+    import splitvlm.encoder.pipeline as pipeline
+
+    _, good, _ = corpus
+    real, reads = pipeline.read_image_bytes, {}
+
+    def swapped_on_second_read(path):
+        reads[path] = reads.get(path, 0) + 1
+        return real(good[1]) if path == good[0] and reads[path] > 1 else real(path)
+
+    monkeypatch.setattr(pipeline, "read_image_bytes", swapped_on_second_read)
+    cfg = config(tiny_model, tmp_path / "store")
+    stats = Encoder(cfg, engine=engine).encode(good[:1] + good[2:3])
+    assert stats.encoded == 1 and stats.failed == 1
+    assert "changed while encoding" in stats.failures[0]["error"]
+    with EmbeddingStore(cfg.store) as store:
+        assert KeyMaker(cfg)(real(good[0])) not in store
