@@ -21,7 +21,11 @@ def engine_options(f: Callable) -> Callable:
         click.option("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)."),
         click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share (default 0.3 CPU, 0.85 GPU)."),
         click.option("--enforce-eager/--cuda-graphs", default=None, help="Eager mode or CUDA graphs (default: eager on the CPU only)."),
-        click.option("--allow-mismatch", is_flag=True, help="Use entries made under another vLLM version or device."),
+        click.option("--lock", type=click.Path(dir_okay=False), default=None,
+                     help="A lock file from `splitvlm env --lock`: refuse to run under another environment, "
+                          "or on store entries made under one."),
+        click.option("--allow-mismatch", is_flag=True,
+                     help="Use entries made under another vLLM version or device (or, with --lock, warn)."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
     ]
     for option in reversed(options):
@@ -34,6 +38,6 @@ def make_config(**kw) -> Config:
         model=kw["model"], store=kw["store"], profile=kw["profile"],
         min_pixels=kw["min_pixels"], max_pixels=kw["max_pixels"], dtype=kw["dtype"],
         max_model_len=kw["max_model_len"], gpu_memory_utilization=kw["gpu_memory_utilization"],
-        enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"],
+        enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"], lock=kw["lock"],
         show_progress=not kw["no_progress"],
     )

@@ -55,6 +55,7 @@ def stats_cmd(store_path: str, as_json: bool) -> None:
             click.echo(f"{title}: " + ", ".join(f"{k or '(none)'} ({n})" for k, n in sorted(counts.items())))
     if stats["unreadable_headers"]:
         click.echo(f"unreadable headers: {stats['unreadable_headers']} (run `splitvlm store check`)")
+    click.echo(f"{stats['results']} cached results")
 
 
 @command.command("ls")
@@ -119,14 +120,26 @@ def get_cmd(store_path: str, key: str, out: str) -> None:
 
 @command.command("rm")
 @store_option
-@click.argument("keys", nargs=-1, required=True)
-def rm_cmd(store_path: str, keys: tuple[str, ...]) -> None:
-    """Remove entries (in one transaction); exit 1 if any key was not there."""
+@click.argument("keys", nargs=-1)
+@click.option("--results", "clear_results", is_flag=True, help="Remove every cached decode result (see decode --cache).")
+def rm_cmd(store_path: str, keys: tuple[str, ...], clear_results: bool) -> None:
+    """Remove entries (in one transaction), or the cached results; exit 1 if any key was not there."""
+    if not keys and not clear_results:
+        raise click.UsageError("give the keys to remove, or --results")
+    absent: list[str] = []
     with _open(store_path, readonly=False) as store:
-        absent = store.missing(keys)
-        removed = store.delete(keys)
+        if keys:
+            absent = store.missing(keys)
+            removed = store.delete(keys)
+        if clear_results:
+            from splitvlm.decoder.cache import clear_results as clear
+
+            cleared = clear(store)
     for key in absent:
         click.echo(f"{key}: missing", err=True)
-    click.echo(f"removed {removed} entries")
+    if keys:
+        click.echo(f"removed {removed} entries")
+    if clear_results:
+        click.echo(f"removed {cleared} cached results")
     if absent:
         sys.exit(1)

@@ -29,6 +29,8 @@ class Config:
     on_missing: str = "error"  # error | encode | skip
     allow_mismatch: bool = False
     show_progress: bool = True
+    cache: bool = False  # decode: answer repeated jobs from the store's "results" database
+    lock: str | None = None  # a lock file from `splitvlm env --lock`: refuse other environments
 
     def replace(self, **changes) -> Config:
         return replace(self, **changes)

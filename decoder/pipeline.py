@@ -14,9 +14,18 @@ from tqdm import tqdm
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import read_image_bytes
+from splitvlm.core.lock import EntryCheck
+from splitvlm.decoder.cache import (
+    RESULT_FIELDS,
+    ResultCache,
+    check_cacheable,
+    prompt_token_ids,
+    standalone_tokenizer,
+)
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
 from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore, Entry, Expect, StoreError
+from splitvlm.store.entry import check_tensors
 
 MISSING_POLICIES = ("error", "encode", "skip")
 
@@ -31,9 +40,16 @@ class Result:
     prompt_tokens: int = 0
     keys: list[str] = field(default_factory=list)
     error: str | None = None
+    cached: bool | None = None  # with --cache: answered from the result cache
+    spot_checked: bool | None = None  # with --spot-check: also run end to end
+    spot_check_identical: bool | None = None
+    spot_check_error: str | None = None  # the end-to-end run of a spot check failed
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def cache_fields(self) -> dict:
+        return {name: getattr(self, name) for name in RESULT_FIELDS}
 
 
 @dataclass
@@ -42,11 +58,13 @@ class DecodeStats:
     failed: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
+    cached: int | None = None  # None: no cache in use
 
     def summary(self) -> str:
         rate = self.jobs / self.seconds if self.seconds else 0.0
         tps = self.output_tokens / self.seconds if self.seconds else 0.0
-        return (f"decoded {self.jobs - self.failed}/{self.jobs} jobs, {self.failed} failed; "
+        cached = "" if self.cached is None else f", {self.cached} from the cache"
+        return (f"decoded {self.jobs - self.failed}/{self.jobs} jobs{cached}, {self.failed} failed; "
                 f"{self.seconds:.1f} s, {rate:.2f} requests/s, {tps:.1f} output tokens/s")
 
 
@@ -86,9 +104,13 @@ class Decoder:
             raise SplitVLMError("no store given (--store PATH)")
         if cfg.on_missing not in MISSING_POLICIES:
             raise SplitVLMError(f"--on-missing must be one of {', '.join(MISSING_POLICIES)}")
+        if cfg.cache:
+            check_cacheable(cfg)
+        self.check_entry = EntryCheck(cfg.lock, cfg.allow_mismatch)  # checks the lock itself first
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine
+        self._tokenizer = None
         self.stats = DecodeStats()
 
     @property
@@ -98,6 +120,15 @@ class Decoder:
 
             self._engine = Engine(self.cfg)
         return self._engine
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self._engine is None and self.cfg.cache:  # a decode answered from the cache starts no engine
+                self._tokenizer = standalone_tokenizer(self.cfg)
+            else:
+                self._tokenizer = self.engine.tokenizer()
+        return self._tokenizer
 
     def job_keys(self, job: Job) -> tuple[list[str], str | None]:
         keys = []
@@ -139,17 +170,11 @@ class Decoder:
             if errors[i] is None and absent:
                 errors[i] = f"job {job.id}: not in the store: {', '.join(absent)}"
 
-    def _check_environment(self, entries: Sequence[Entry]) -> None:
-        if self.cfg.allow_mismatch:
-            return
-        env = self.engine.environment()
-        for entry in entries:
-            made = (entry.meta.get("vllm_version"), entry.meta.get("device"))
-            if made != (env["vllm"], env["device"]):
-                raise SplitVLMError(
-                    f"{entry.key}: encoded with vLLM {made[0]} on {made[1]}, decoding with vLLM "
-                    f"{env['vllm']} on {env['device']}; outputs would not be exact "
-                    "(re-encode, or pass --allow-mismatch)")
+    def _check_fit(self, entries: Sequence[Entry]) -> None:
+        """The entries' shapes and dtype against the engine's model (StoreError naming the key)."""
+        expect = Expect(self.engine.hidden_size, self.engine.dtype, self.engine.merge_size)
+        for e in entries:
+            check_tensors(e.key, e.image_embeds, e.image_grid_thw, e.meta, expect)
 
     def prepare(self, jobs: list[Job], store: EmbeddingStore) -> tuple[list[list[str]], list[str | None]]:
         resolved = [self.job_keys(job) for job in jobs]
@@ -163,30 +188,11 @@ class Decoder:
         results: list[Result] = []
         with EmbeddingStore(self.cfg.store) as store:
             keys, errors = self.prepare(jobs, store)
-            expect = Expect(self.engine.hidden_size, self.engine.dtype, self.engine.merge_size)
-            tokenizer = self.engine.tokenizer()
-            params = self.engine.sampling_params()
+            cache = ResultCache(store, self.cfg) if self.cfg.cache else None
             bar = tqdm(total=len(jobs), unit="job", desc="decode", disable=not self.cfg.show_progress, file=sys.stderr)
             for start in range(0, len(jobs), self.cfg.batch_jobs):
                 chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
-                prompts, slots = [], []
-                for i in chunk:
-                    if errors[i] is None:
-                        try:
-                            entries = store.get_many(keys[i], expect=expect)
-                            self._check_environment(entries)
-                        except StoreError as exc:
-                            errors[i] = f"job {jobs[i].id}: {exc}"
-                            continue
-                        prompts.append(vllm_prompt(build_prompt(tokenizer, jobs[i]), embeds_input(entries)))
-                        slots.append(i)
-                outputs = dict(zip(slots, self.engine.generate(prompts, params))) if prompts else {}
-                for i in chunk:
-                    if i in outputs:
-                        results.append(result_from_output(jobs[i], outputs[i], keys[i]))
-                    else:
-                        print(f"error: {errors[i]}", file=sys.stderr)
-                        results.append(Result(id=jobs[i].id, keys=keys[i], error=errors[i]))
+                results.extend(self._decode_chunk(jobs, keys, errors, chunk, store, cache))
                 bar.update(len(chunk))
             bar.close()
         self.stats = DecodeStats(
@@ -194,5 +200,54 @@ class Decoder:
             failed=sum(r.error is not None for r in results),
             output_tokens=sum(len(r.token_ids) for r in results),
             seconds=time.perf_counter() - t0,
+            cached=None if cache is None else sum(bool(r.cached) for r in results),
         )
         return results
+
+    def _decode_chunk(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None], chunk: range,
+                      store: EmbeddingStore, cache: ResultCache | None) -> list[Result]:
+        """One vLLM call for the jobs of chunk that the cache does not answer; results in job order."""
+        pending: dict[int, tuple[str, list[Entry]]] = {}  # job index -> prompt text, entries
+        for i in chunk:
+            if errors[i] is None:
+                try:
+                    entries = store.get_many(keys[i])
+                    for entry in entries:
+                        self.check_entry(entry.key, entry.meta)
+                except StoreError as exc:
+                    errors[i] = f"job {jobs[i].id}: {exc}"
+                    continue
+                pending[i] = (build_prompt(self.tokenizer, jobs[i]), entries)
+        done: dict[int, Result] = {}
+        lookups = self._from_cache(cache, jobs, pending, done) if cache is not None else {}
+        prompts, slots = [], []
+        for i, (text, entries) in pending.items():
+            try:
+                self._check_fit(entries)
+            except StoreError as exc:
+                errors[i] = f"job {jobs[i].id}: {exc}"
+                continue
+            prompts.append(vllm_prompt(text, embeds_input(entries)))
+            slots.append(i)
+        if prompts:
+            params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)
+            for i, output in zip(slots, self.engine.generate(prompts, params), strict=True):
+                done[i] = result_from_output(jobs[i], output, keys[i])
+                done[i].cached = None if cache is None else False
+            if cache is not None:
+                cache.put_many([(lookups[i], done[i].cache_fields()) for i in slots])
+        for i in chunk:
+            if i not in done:
+                print(f"error: {errors[i]}", file=sys.stderr)
+        return [done.get(i) or Result(id=jobs[i].id, keys=keys[i], error=errors[i]) for i in chunk]
+
+    def _from_cache(self, cache: ResultCache, jobs: list[Job], pending: dict[int, tuple[str, list[Entry]]],
+                    done: dict[int, Result]) -> dict[int, str]:
+        """Move the jobs the cache answers from pending to done; the cache keys of the others."""
+        lookups = {i: cache.key(entries, prompt_token_ids(self.tokenizer, text))
+                   for i, (text, entries) in pending.items()}
+        for i, fields in zip(list(lookups), cache.get_many(list(lookups.values())), strict=True):
+            if fields is not None:
+                done[i] = Result(id=jobs[i].id, **fields, cached=True)
+                del pending[i], lookups[i]
+        return lookups

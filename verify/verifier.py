@@ -114,7 +114,7 @@ class Verifier:
     def end_to_end(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None],
                    store: EmbeddingStore) -> list[Result]:
         tokenizer = self.engine.tokenizer()
-        params = self.engine.sampling_params()
+        params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)  # as the decoder's
         results: list[Result] = []
         bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=not self.cfg.show_progress, file=sys.stderr)
         for start in range(0, len(jobs), self.cfg.batch_jobs):

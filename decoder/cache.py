@@ -1,0 +1,174 @@
+"""The result cache: finished decode outputs in the store's "results" database, keyed by all that made them.
+
+A key is blake3 over, each field length-prefixed: the cache format, the context (checkpoint
+files, dtype, sampling parameters, profile and its settings, the versions and the device), the
+embeddings used (store key and tensor checksum, so an altered entry misses), and the prompt's
+token ids (the prompt text as vLLM tokenizes it, before image placeholders are expanded: the
+embeddings fix that expansion). Only exact-profile greedy outputs are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Sequence
+
+import blake3
+import lmdb
+import torch
+
+from splitvlm.core.config import Config
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.identity import environment, model_id, resolve_model_dir
+from splitvlm.core.profiles import get_profile
+from splitvlm.store import EmbeddingStore, Entry
+from splitvlm.store.key import canonical_json
+
+FORMAT = "splitvlm.result/1"
+ENV_FIELDS = ("splitvlm", "vllm", "torch", "transformers", "cuda", "device")
+RESULT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
+
+
+def checkpoint_identity(model: str) -> dict:
+    """The model as named, and the name, size and mtime of each file of its checkpoint folder.
+
+    Cheaper than hashing gigabytes of weights; a checkpoint rewritten in place changes them.
+    """
+    root = resolve_model_dir(model)
+    if root is None:
+        return {"model_id": model_id(model)}
+    files = {}
+    for path in sorted(root.iterdir()):
+        if path.is_file():
+            st = path.stat()
+            files[path.name] = [st.st_size, st.st_mtime_ns]
+    return {"model_id": model_id(model), "files": files}
+
+
+def profile_settings(profile_name: str) -> dict[str, str]:
+    """The environment a profile gives vLLM in this process (SPLITVLM_* knobs set by the user win)."""
+    env = get_profile(profile_name).env(torch.cuda.is_available())
+    return {k: os.environ.get(k, v) if k.startswith("SPLITVLM_") else v for k, v in env.items()}
+
+
+def sampling(cfg: Config) -> dict:
+    """The sampling parameters of a decode (Engine.sampling_params makes the same ones)."""
+    return {"max_tokens": cfg.max_tokens, "stop": list(cfg.stop), "temperature": 0.0, "seed": cfg.seed}
+
+
+def context(cfg: Config) -> dict:
+    """Every field of a cache key that is the same for all jobs of one decode."""
+    env = environment()
+    return {
+        "format": FORMAT,
+        "model": checkpoint_identity(cfg.model),
+        "dtype": cfg.dtype,
+        "enforce_eager": cfg.enforce_eager,
+        "sampling": sampling(cfg),
+        "profile": cfg.profile,
+        "profile_settings": profile_settings(cfg.profile),
+        "environment": {name: env[name] for name in ENV_FIELDS},
+    }
+
+
+def _field(h: blake3.blake3, name: str, value: bytes) -> None:
+    """u64 length of the name, the name, u64 length of the value, the value (lengths little-endian)."""
+    h.update(struct.pack("<Q", len(name)) + name.encode() + struct.pack("<Q", len(value)))
+    h.update(value)
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as vLLM makes them from its text (add_special_tokens on), before images expand."""
+    return list(tokenizer.encode(prompt))
+
+
+class ResultCache:
+    """Lookups and writes of finished results in one store; refuses profiles that are not exact."""
+
+    def __init__(self, store: EmbeddingStore, cfg: Config):
+        check_cacheable(cfg)
+        self.store = store
+        self.context = context(cfg)
+        self._context = canonical_json(self.context, "cache context")
+
+    def key(self, entries: Sequence[Entry], prompt_ids: Sequence[int]) -> str:
+        h = blake3.blake3()
+        _field(h, "context", self._context)
+        _field(h, "embeddings", canonical_json([[e.key, e.meta.get("checksum", "")] for e in entries]))
+        _field(h, "prompt_token_ids", canonical_json([int(t) for t in prompt_ids]))
+        return h.hexdigest()
+
+    def get_many(self, keys: Sequence[str]) -> list[dict | None]:
+        """The stored result fields under each key; None for a miss or a value that does not check out."""
+        db = self.store.results_db()
+        if db is None:
+            return [None] * len(keys)
+        with self.store.read() as txn:
+            raw = [txn.get(k.encode(), db=db) for k in keys]
+            raw = [None if v is None else bytes(v) for v in raw]
+        return [None if v is None else _checked(v) for v in raw]
+
+    def put_many(self, items: Sequence[tuple[str, dict]]) -> int:
+        """Store result fields under their keys in one transaction; returns how many."""
+        db = self.store.results_db()
+        if not items or db is None:
+            return 0
+        made = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "environment": self.context["environment"], "profile": self.context["profile"]}
+        values = [(k.encode(), json.dumps({"format": FORMAT, **{f: r[f] for f in RESULT_FIELDS}, **made},
+                                          ensure_ascii=False).encode()) for k, r in items]
+        size = sum(len(v) + 256 for _, v in values)
+        return self.store.write(lambda txn: sum(bool(txn.put(k, v, db=db)) for k, v in values), size_hint=size)
+
+
+def _checked(raw: bytes) -> dict | None:
+    try:
+        value = json.loads(raw)
+        fields = {f: value[f] for f in RESULT_FIELDS}
+    except (ValueError, KeyError, TypeError):
+        return None
+    ok = (value.get("format") == FORMAT and isinstance(fields["text"], str)
+          and hashlib.sha256(fields["text"].encode("utf-8")).hexdigest() == fields["sha256"])
+    return fields if ok else None
+
+
+def count_results(store: EmbeddingStore) -> int:
+    db = store.results_db()
+    if db is None:
+        return 0
+    with store.read() as txn:
+        return txn.stat(db)["entries"]
+
+
+def clear_results(store: EmbeddingStore) -> int:
+    """Remove every cached result (the embeddings stay); returns how many there were."""
+    db = store.results_db()
+    if db is None:
+        return 0
+
+    def drop(txn: lmdb.Transaction) -> int:
+        n = txn.stat(db)["entries"]
+        txn.drop(db, delete=False)
+        return n
+
+    return store.write(drop)
+
+
+def check_cacheable(cfg: Config) -> None:
+    if not get_profile(cfg.profile).exact:
+        raise SplitVLMError(f"--cache: only exact-profile results are cached; profile {cfg.profile!r} "
+                            "outputs depend on batching")
+
+
+def standalone_tokenizer(cfg: Config):
+    """vLLM's tokenizer for the model without an engine, so that a decode answered from the cache
+    never starts one; the process gets the profile's settings first, as Engine would give them."""
+    from splitvlm.core.engine import _prepare_process, on_gpu
+
+    _prepare_process(get_profile(cfg.profile), on_gpu())
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(cfg.model)
