@@ -8,7 +8,7 @@ work=$(mktemp -d)
 py=${PYTHON:-python3}
 sv() { "$py" -m splitvlm.cli.main "$@"; }
 timed() { local name=$1; shift; local t0=$(date +%s.%N); "$@" > "$out/$name.log" 2>&1; local rc=$?;
-  echo "$name rc=$rc seconds=$(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$out/cli_check.txt"; tail -3 "$out/$name.log"; }
+  echo "$name rc=$rc seconds=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')" | tee -a "$out/cli_check.txt"; tail -3 "$out/$name.log"; }
 "$py" - "$work" "$n" <<'PY'
 import json, sys
 from splitvlm.core.samples import PROMPTS, save_corpus
