@@ -119,3 +119,18 @@ def test_corrupted_entry_is_one_line_error_and_no_crash(store, engine, images, t
     results = Decoder(store, engine=engine).generate(read_jobs(path))
     assert results[0].error is None and results[0].token_ids
     assert results[1].error and key in results[1].error and "\n" not in results[1].error
+
+
+def test_entries_from_another_vllm_or_device_are_refused(store, engine, images, tmp_path):
+    from splitvlm.store import EmbeddingStore, Entry
+
+    key = KeyMaker(store)(open(images[0], "rb").read())
+    with EmbeddingStore(store.store) as s:
+        entry = s.get(key)
+        meta = {**entry.meta, "vllm_version": "0.26.0", "device": "NVIDIA H200"}
+        s.put(Entry(key, entry.image_embeds.clone(), entry.image_grid_thw.clone(), meta), overwrite=True)
+    jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "images": [images[0]], "prompt": "Hi."}]))
+    with pytest.raises(SplitVLMError) as err:
+        Decoder(store, engine=engine).generate(jobs)
+    assert key in str(err.value) and "vLLM 0.26.0 on NVIDIA H200" in str(err.value) and "\n" not in str(err.value)
+    assert Decoder(store.replace(allow_mismatch=True), engine=engine).generate(jobs)[0].error is None
