@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_decode import make_jobs
-from benchmarks.common import RESULTS, command, now, sizes_for, write_images, write_report
+from benchmarks.common import RESULTS, now, publish, sizes_for, start_engine, write_images
 from splitvlm.core.config import Config
 
 FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
@@ -124,18 +124,8 @@ def main(argv: list[str] | None = None, engine=None) -> dict:
     args = parse_args(argv)
     start_s = None
     if engine is None:
-        from splitvlm.core.engine import Engine
-
-        t0 = time.perf_counter()
-        engine = Engine(Config(model=args.model, max_model_len=args.max_model_len, show_progress=False))
-        start_s = time.perf_counter() - t0
-    report = run(engine, args)
-    report["command"] = command("benchmarks.bench_cache", argv)
-    report["engine_start_s"] = start_s
-    path = write_report(report, args.out)
-    print(summary(report))
-    print(f"wrote {path}")
-    return report
+        engine, start_s = start_engine(Config(model=args.model, max_model_len=args.max_model_len, show_progress=False))
+    return publish(run(engine, args), "benchmarks.bench_cache", argv, args.out, start_s, summary)
 
 
 if __name__ == "__main__":

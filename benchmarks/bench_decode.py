@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, command, goal, now, sizes_for, write_images, write_report
+from benchmarks.common import RESULTS, goal, now, publish, sizes_for, start_engine, write_images
 from splitvlm.core.config import Config
 from splitvlm.core.images import load_image
 from splitvlm.core.samples import PROMPTS
@@ -164,20 +164,10 @@ def main(argv: list[str] | None = None, engine=None) -> dict:
     args = parse_args(argv)
     start_s = None
     if engine is None:
-        from splitvlm.core.engine import Engine
-
-        t0 = time.perf_counter()
-        engine = Engine(Config(model=args.model, profile=args.profile, max_model_len=args.max_model_len,
-                               max_num_seqs=args.max_num_seqs, enforce_eager=True if args.eager else None,
-                               show_progress=False))
-        start_s = time.perf_counter() - t0
-    report = run(engine, args)
-    report["command"] = command("benchmarks.bench_decode", argv)
-    report["engine_start_s"] = start_s
-    path = write_report(report, args.out)
-    print(summary(report))
-    print(f"wrote {path}")
-    return report
+        engine, start_s = start_engine(Config(
+            model=args.model, profile=args.profile, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, enforce_eager=True if args.eager else None, show_progress=False))
+    return publish(run(engine, args), "benchmarks.bench_decode", argv, args.out, start_s, summary)
 
 
 if __name__ == "__main__":

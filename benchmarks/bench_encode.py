@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -27,15 +26,15 @@ import torch
 from benchmarks.common import (
     RESULTS,
     VisionShape,
-    command,
     encode_batches,
     goal,
     measure_peak,
     now,
+    publish,
     size_label,
     sizes_for,
+    start_engine,
     write_images,
-    write_report,
 )
 from splitvlm.core.config import Config
 from splitvlm.core.images import load_image
@@ -177,24 +176,14 @@ def summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None, engine=None) -> dict:
     args = parse_args(argv)
-    peak = None
-    start_s = None
+    peak = start_s = None
     if engine is None:
-        from splitvlm.core.engine import Engine
-
         peak = {**measure_peak(args.peak_n), "when": "before engine start"}
-        t0 = time.perf_counter()
-        engine = Engine(Config(model=args.model, profile=args.profile, max_model_len=args.max_model_len,
-                               enforce_eager=not args.cuda_graphs, batch_patches=args.batch_patches,
-                               loader_threads=args.loader_threads, show_progress=False))
-        start_s = time.perf_counter() - t0
-    report = run(engine, args, peak)
-    report["command"] = command("benchmarks.bench_encode", argv)
-    report["engine_start_s"] = start_s
-    path = write_report(report, args.out)
-    print(summary(report))
-    print(f"wrote {path}")
-    return report
+        engine, start_s = start_engine(Config(
+            model=args.model, profile=args.profile, max_model_len=args.max_model_len,
+            enforce_eager=not args.cuda_graphs, batch_patches=args.batch_patches,
+            loader_threads=args.loader_threads, show_progress=False))
+    return publish(run(engine, args, peak), "benchmarks.bench_encode", argv, args.out, start_s, summary)
 
 
 if __name__ == "__main__":

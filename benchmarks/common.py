@@ -171,6 +171,26 @@ def command(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python -m", module, *args])
 
 
+def start_engine(cfg) -> tuple[object, float]:
+    """A new Engine for cfg and the seconds it took to start."""
+    from splitvlm.core.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(cfg)
+    return engine, time.perf_counter() - t0
+
+
+def publish(report: dict, module: str, argv: Sequence[str] | None, out: str, start_s: float | None,
+            summary) -> dict:
+    """Stamp the command and engine start on a report, write it, print its summary."""
+    report["command"] = command(module, argv)
+    report["engine_start_s"] = start_s
+    path = write_report(report, out)
+    print(summary(report))
+    print(f"wrote {path}")
+    return report
+
+
 def write_report(report: dict, out: str) -> Path:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

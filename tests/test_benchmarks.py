@@ -1,4 +1,4 @@
-"""bench_encode and bench_decode in --smoke mode on the session engine, and the plots of their results."""
+"""The benchmarks in --smoke mode on the session engine, and the plots of their results."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def bench(name: str):
 @pytest.fixture(scope="module")
 def results(engine, tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench_results")
-    for name in ("bench_encode", "bench_decode"):
+    for name in ("bench_encode", "bench_decode", "bench_cache"):
         argv = ["--smoke", "--model", tiny_model, "--out", str(out / f"{name}.json"), "--dir", str(out)]
         bench(name).main(argv, engine=engine)
     return out
@@ -78,3 +78,9 @@ def test_vision_flops_formula():
     expected = 32 * per_block + 2 * p * (3 * 2 * 14 * 14) * d + 2 * (p / 4) * ((4 * d) ** 2 + 4 * d * 1536)
     assert shape.flops([1, 32, 40]) == pytest.approx(expected)
     assert shape.flops([1, 32, 40]) / 1e12 == pytest.approx(1.9, abs=0.1)  # about 1.9 TFLOP a 448x560 image
+
+
+def test_cache_report(results):
+    report = read(results, "bench_cache")
+    assert report["identical"] and report["results"]["cache_warm"]["cached"] == report["jobs"]
+    assert not report["results"]["cache_warm_no_engine"]["engine_started"]
