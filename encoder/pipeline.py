@@ -1,4 +1,4 @@
-"""Encoder: reader -> loader (threads) -> vision tower (vLLM, batched by patches) -> store writer."""
+"""Encoder: reader -> loader (threads: read, key, decode, preprocess) -> vision tower (vLLM, batched by patches) -> store writer."""
 
 from __future__ import annotations
 
@@ -109,13 +109,15 @@ class Encoder:
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine
+        self._engine_lock = threading.Lock()
 
     @property
     def engine(self):
-        if self._engine is None:
-            from splitvlm.core.engine import Engine
+        with self._engine_lock:  # loader threads ask for it; start it once, and only when needed
+            if self._engine is None:
+                from splitvlm.core.engine import Engine
 
-            self._engine = Engine(self.cfg)
+                self._engine = Engine(self.cfg)
         return self._engine
 
     def _fail(self, stats: Stats, path: str, error: str) -> None:
@@ -123,57 +125,58 @@ class Encoder:
         stats.failures.append({"path": path, "error": error})
         print(f"skipped {error}", file=sys.stderr)
 
-    def _keyed(self, paths: list[str], stats: Stats) -> Iterator[tuple[str, bytes, str]]:
-        """(path, bytes, key) of every readable input; unreadable ones become failures."""
-        def read(path: str):
-            try:
-                data = read_image_bytes(path)
-                return path, data, self.keys(data), None
-            except SplitVLMError as exc:
-                return path, None, None, str(exc)
+    def _load(self, path: str, store: EmbeddingStore) -> Prepared | tuple[str, str, str]:
+        """Read once, key those bytes, and decode and preprocess the same bytes unless already stored.
 
-        with ThreadPoolExecutor(self.cfg.loader_threads) as pool:
-            for path, data, key, error in pool.map(read, paths):
-                if error:
-                    self._fail(stats, path, error)
-                else:
-                    yield path, data, key
+        Returns a Prepared image, ("stored", path, key) or ("failed", path, reason).
+        """
+        try:
+            data = read_image_bytes(path)
+            key = self.keys(data)
+            if not self.cfg.overwrite and key in store:
+                return "stored", path, key
+            pixel_values, grid = self.engine.preprocess(decode_image(data, path))
+            return Prepared(path, key, pixel_values, grid)
+        except SplitVLMError as exc:
+            return "failed", path, str(exc)
+        except Exception as exc:  # the processor's own refusal of an image
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            return "failed", path, f"{path}: cannot preprocess ({type(exc).__name__}: {reason})"
 
-    def _prepare(self, todo: list[tuple[str, str]]) -> Iterator[Prepared | tuple[str, str]]:
-        """Decode and preprocess in threads, a bounded window ahead of the tower."""
-
-        def prepare(item: tuple[str, str]):
-            path, key = item
-            try:
-                data = read_image_bytes(path)
-                if self.keys(data) != key:  # the file changed since it was keyed: never store a wrong tensor
-                    return path, f"{path}: changed while encoding; run again"
-                image = decode_image(data, path)
-                pixel_values, grid = self.engine.preprocess(image)
-                return Prepared(path, key, pixel_values, grid)
-            except SplitVLMError as exc:
-                return path, str(exc)
-            except Exception as exc:  # the processor's own refusal of an image
-                return path, f"{path}: cannot preprocess ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-
+    def _loaded(self, paths: list[str], store: EmbeddingStore) -> Iterator[Prepared | tuple[str, str, str]]:
+        """_load on loader threads, in input order, a bounded window ahead of the tower."""
         window = max(2, self.cfg.loader_threads * 4)
         with ThreadPoolExecutor(self.cfg.loader_threads) as pool:
             pending = []
-            for item in todo:
-                pending.append(pool.submit(prepare, item))
+            for path in paths:
+                pending.append(pool.submit(self._load, path, store))
                 if len(pending) >= window:
                     yield pending.pop(0).result()
             for fut in pending:
                 yield fut.result()
 
-    def _batches(self, prepared: Iterable, stats: Stats, bar) -> Iterator[list[Prepared]]:
+    def _batches(self, loaded: Iterable, stats: Stats, bar) -> Iterator[list[Prepared]]:
+        """Batches of new images by patch budget; stored, duplicate and failed inputs counted on the way."""
         batch: list[Prepared] = []
         budget = 0
-        for item in prepared:
+        seen: set[str] = set()
+        for item in loaded:
             if isinstance(item, tuple):
-                self._fail(stats, *item)
+                kind, path, detail = item
+                if kind == "failed":
+                    self._fail(stats, path, detail)
+                elif detail in seen:
+                    stats.duplicates += 1
+                else:
+                    seen.add(detail)
+                    stats.skipped += 1
                 bar.update(1)
                 continue
+            if item.key in seen:
+                stats.duplicates += 1
+                bar.update(1)
+                continue
+            seen.add(item.key)
             if batch and budget + item.num_patches > self.cfg.batch_patches:
                 yield batch
                 batch, budget = [], 0
@@ -207,16 +210,7 @@ class Encoder:
         paths = expand_inputs(inputs)
         stats.inputs = len(paths)
         with EmbeddingStore(self.cfg.store) as store:
-            todo: dict[str, str] = {}
-            for path, _data, key in self._keyed(paths, stats):
-                if key in todo:
-                    stats.duplicates += 1
-                elif key in store and not self.cfg.overwrite:
-                    stats.skipped += 1
-                else:
-                    todo[key] = path
-            if todo:
-                self._run(store, [(p, k) for k, p in todo.items()], stats)
+            self._run(store, paths, stats)
         stats.seconds = time.perf_counter() - t0
         if self.cfg.failures:
             with open(self.cfg.failures, "w", encoding="utf-8") as f:
@@ -224,17 +218,16 @@ class Encoder:
                     f.write(json.dumps(failure, ensure_ascii=False) + "\n")
         return stats
 
-    def _run(self, store: EmbeddingStore, todo: list[tuple[str, str]], stats: Stats) -> None:
-        env = self.engine.environment()
+    def _run(self, store: EmbeddingStore, paths: list[str], stats: Stats) -> None:
         writer = _Writer(store, stats, self.cfg.overwrite)
-        bar = tqdm(total=len(todo), unit="img", desc="encode", disable=not self.cfg.show_progress, file=sys.stderr)
+        bar = tqdm(total=len(paths), unit="img", desc="encode", disable=not self.cfg.show_progress, file=sys.stderr)
         try:
-            for batch in self._batches(self._prepare(todo), stats, bar):
+            for batch in self._batches(self._loaded(paths, store), stats, bar):
                 t = time.perf_counter()
                 embeds = self.embed(batch)
                 stats.tower_seconds += time.perf_counter() - t
                 stats.patches += sum(p.num_patches for p in batch)
-                writer.put(self._entries(batch, embeds, env))
+                writer.put(self._entries(batch, embeds, self.engine.environment()))
                 stats.encoded += len(batch)
                 bar.update(len(batch))
         finally:

@@ -98,20 +98,28 @@ def test_input_forms_and_duplicates(tiny_model, engine, corpus, tmp_path):
     assert stats.encoded == 7 and stats.duplicates == 1 and stats.failed == 0
 
 
-def test_file_changed_while_encoding_is_not_stored(tiny_model, engine, corpus, tmp_path, monkeypatch):
+def test_each_file_is_read_once_so_key_and_tensor_share_bytes(tiny_model, engine, corpus, tmp_path, monkeypatch):
+    """A file that changes mid-run can never be stored under the key of its old bytes."""
     import splitvlm.encoder.pipeline as pipeline
 
     _, good, _ = corpus
     real, reads = pipeline.read_image_bytes, {}
 
-    def swapped_on_second_read(path):
+    def counted(path):
         reads[path] = reads.get(path, 0) + 1
-        return real(good[1]) if path == good[0] and reads[path] > 1 else real(path)
+        return real(path)
 
-    monkeypatch.setattr(pipeline, "read_image_bytes", swapped_on_second_read)
+    monkeypatch.setattr(pipeline, "read_image_bytes", counted)
     cfg = config(tiny_model, tmp_path / "store")
-    stats = Encoder(cfg, engine=engine).encode(good[:1] + good[2:3])
-    assert stats.encoded == 1 and stats.failed == 1
-    assert "changed while encoding" in stats.failures[0]["error"]
-    with EmbeddingStore(cfg.store) as store:
-        assert KeyMaker(cfg)(real(good[0])) not in store
+    stats = Encoder(cfg, engine=engine).encode(good[:4])
+    assert stats.encoded == 4 and reads == {p: 1 for p in good[:4]}
+    assert Encoder(cfg, engine=engine).encode(good[:4]).skipped == 4 and reads == {p: 2 for p in good[:4]}
+
+
+def test_resume_starts_no_engine(tiny_model, engine, corpus, tmp_path):
+    _, good, _ = corpus
+    cfg = config(tiny_model, tmp_path / "store")
+    Encoder(cfg, engine=engine).encode(good[:3])
+    again = Encoder(cfg)  # no engine given: one would start only if something needed encoding
+    stats = again.encode(good[:3])
+    assert stats.skipped == 3 and again._engine is None
