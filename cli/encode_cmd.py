@@ -15,10 +15,13 @@ from splitvlm.cli.options import engine_options, make_config
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
 @click.option("--batch-patches", type=int, default=16384, show_default=True, help="Vision tower budget per step, in patches.")
 @click.option("--loader-threads", type=int, default=4, show_default=True, help="Threads that read and preprocess images.")
+@click.option("--full-engine", is_flag=True,
+              help="Start vLLM with the language model and a KV cache too (default: the vision tower alone, "
+                   "vLLM's mm_encoder_only mode).")
 @click.option("--overwrite", is_flag=True, help="Recompute entries already in the store (default: skip them, so runs resume).")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.argument("inputs", nargs=-1, required=True)
-def command(inputs, failures, batch_patches, loader_threads, overwrite, stats_json, **kw) -> None:
+def command(inputs, failures, batch_patches, loader_threads, full_engine, overwrite, stats_json, **kw) -> None:
     """Encode images with vLLM's own Qwen2-VL vision tower into the store.
 
     INPUTS are image files, folders (recursive), globs, .txt lists of paths or .jsonl files
@@ -28,7 +31,8 @@ def command(inputs, failures, batch_patches, loader_threads, overwrite, stats_js
     from splitvlm.encoder import Encoder
 
     cfg = make_config(**kw).replace(failures=failures, batch_patches=batch_patches,
-                                    loader_threads=loader_threads, overwrite=overwrite)
+                                    loader_threads=loader_threads, overwrite=overwrite,
+                                    encoder_only=not full_engine)
     stats = Encoder(cfg).encode(inputs)
     click.echo(stats.summary())
     if stats_json:

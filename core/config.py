@@ -24,6 +24,7 @@ class Config:
     enforce_eager: bool | None = None  # None: eager on the CPU, CUDA graphs on a GPU
     seed: int = 0
     loader_threads: int = 4
+    encoder_only: bool = True  # encode starts vLLM without the language model and its KV cache
     failures: str | None = None
     overwrite: bool = False
     on_missing: str = "error"  # error | encode | skip

@@ -52,8 +52,11 @@ def vllm_version() -> str:
 class Engine:
     """A vLLM engine for Qwen2-VL under a splitvlm profile: preprocess, encode, generate."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, encoder_only: bool = False):
+        """encoder_only: vLLM's mm_encoder_only mode, the vision tower alone (no language model
+        weights, no KV cache); preprocess and encode work, generate does not."""
         self.cfg = cfg
+        self.encoder_only = encoder_only
         self.profile = get_profile(cfg.profile)
         self.gpu = on_gpu()
         _prepare_process(self.profile, self.gpu)
@@ -83,6 +86,8 @@ class Engine:
         if cfg.mm_processor_kwargs:
             kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
         kwargs.update(self.profile.engine_kwargs(self.gpu))
+        if encoder_only:
+            kwargs["mm_encoder_only"] = True
         self.llm = LLM(**kwargs)
         self.model_config = self.llm.llm_engine.model_config
         hf_config = self.model_config.hf_config
@@ -153,6 +158,8 @@ class Engine:
 
     def generate(self, prompts: list[dict], params=None, progress: bool = False) -> list:
         """Greedy generation for vLLM prompt dicts; outputs in the prompts' order."""
+        if self.encoder_only:
+            raise SplitVLMError("this engine holds only the vision tower (encoder_only); it cannot generate")
         return self.llm.generate(prompts, params or self.sampling_params(), use_tqdm=progress)
 
     def tokenizer(self):

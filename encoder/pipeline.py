@@ -117,7 +117,7 @@ class Encoder:
             if self._engine is None:
                 from splitvlm.core.engine import Engine
 
-                self._engine = Engine(self.cfg)
+                self._engine = Engine(self.cfg, encoder_only=self.cfg.encoder_only)
         return self._engine
 
     def _fail(self, stats: Stats, path: str, error: str) -> None:

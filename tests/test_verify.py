@@ -45,6 +45,7 @@ def splitvlm(*args: str) -> subprocess.CompletedProcess:
 def test_seed_table_is_identical_through_the_cli(tiny_model, seed_jobs, tmp_path):
     paths, jobs = seed_jobs
     store, report = tmp_path / "store", tmp_path / "report.json"
+    # encode starts vLLM in encoder-only mode; verify re-encodes with a full engine: the embeddings must agree
     enc = splitvlm("encode", "--model", tiny_model, "--store", str(store), "--max-model-len", "2048", "--no-progress", *paths)
     assert enc.returncode == 0, enc.stderr[-2000:]
     out = splitvlm("verify", "--model", tiny_model, "--store", str(store), "--jobs", jobs, "--report", str(report),
