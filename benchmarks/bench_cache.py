@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_decode import make_jobs
-from benchmarks.common import RESULTS, now, publish, sizes_for, start_engine, write_images
+from benchmarks.common import (
+    RESULTS,
+    publish,
+    report_header,
+    sizes_for,
+    start_engine,
+    write_images,
+)
 from splitvlm.core.config import Config
 
 FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
@@ -81,19 +88,9 @@ def run(engine, args: argparse.Namespace) -> dict:
             for a, b in zip(outputs["cache_cold"], outputs[name], strict=True))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    env = engine.environment()
     base = rows["no_cache"]["seconds"]
     return {
-        "benchmark": "bench_cache",
-        "date": now(),
-        "smoke": args.smoke,
-        "profile": engine.profile.name,
-        "device": env["device"],
-        "vllm": env["vllm"],
-        "torch": env["torch"],
-        "environment": env,
-        "model": engine.cfg.model,
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        **report_header("bench_cache", engine, args),
         "jobs": args.jobs,
         "max_tokens": args.max_tokens,
         "results": rows,

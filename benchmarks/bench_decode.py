@@ -14,13 +14,20 @@ path; output lengths are fixed (EOS ignored), so both paths generate the same nu
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, goal, now, publish, sizes_for, start_engine, write_images
+from benchmarks.common import (
+    RESULTS,
+    goal,
+    publish,
+    report_header,
+    sizes_for,
+    start_engine,
+    write_images,
+)
 from splitvlm.core.config import Config
 from splitvlm.core.images import load_image
 from splitvlm.core.samples import PROMPTS
@@ -123,22 +130,11 @@ def run(engine, args: argparse.Namespace) -> dict:
                                 "speedup": split["requests_per_s"] / e2e["requests_per_s"]})
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    env = engine.environment()
     goals = {f"speedup_at_{r['max_tokens']}": goal(r["speedup"], GOAL_SHORT if r["max_tokens"] <= 64 else GOAL_LONG)
              for r in results}
     return {
-        "benchmark": "bench_decode",
-        "date": now(),
-        "smoke": args.smoke,
-        "profile": engine.profile.name,
-        "vision": os.environ.get("SPLITVLM_VISION"),
-        "device": env["device"],
-        "vllm": env["vllm"],
-        "torch": env["torch"],
-        "environment": env,
-        "model": engine.cfg.model,
+        **report_header("bench_decode", engine, args),
         "cuda_graphs": engine.gpu and not engine.cfg.enforce_eager,
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "store_fill": {"images": stats.encoded, "seconds": stats.seconds, "images_per_s": stats.images_per_s},
         "results": results,
         "goals": goals,

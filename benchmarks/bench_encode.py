@@ -14,7 +14,6 @@ estimated from the model's vision config; the bf16 matmul peak is measured in th
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,8 @@ from benchmarks.common import (
     encode_batches,
     goal,
     measure_peak,
-    now,
     publish,
+    report_header,
     size_label,
     sizes_for,
     start_engine,
@@ -131,20 +130,9 @@ def run(engine, args: argparse.Namespace, peak: dict | None = None) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     largest = mixes[str(max(counts))]
-    env = engine.environment()
     return {
-        "benchmark": "bench_encode",
-        "date": now(),
-        "smoke": args.smoke,
-        "profile": engine.profile.name,
-        "vision": os.environ.get("SPLITVLM_VISION"),
-        "device": env["device"],
-        "vllm": env["vllm"],
-        "torch": env["torch"],
-        "environment": env,
-        "model": engine.cfg.model,
+        **report_header("bench_encode", engine, args),
         "vision_shape": asdict(shape),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "peak": peak,
         "mixes": mixes,
         "per_size": per_size,

@@ -171,6 +171,24 @@ def command(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python -m", module, *args])
 
 
+def report_header(name: str, engine, args) -> dict:
+    """What every benchmark report starts with: which run, where, under which versions and profile."""
+    env = engine.environment()
+    return {
+        "benchmark": name,
+        "date": now(),
+        "smoke": args.smoke,
+        "profile": engine.profile.name,
+        "vision": os.environ.get("SPLITVLM_VISION"),
+        "device": env["device"],
+        "vllm": env["vllm"],
+        "torch": env["torch"],
+        "environment": env,
+        "model": engine.cfg.model,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
 def start_engine(cfg) -> tuple[object, float]:
     """A new Engine for cfg and the seconds it took to start."""
     from splitvlm.core.engine import Engine
