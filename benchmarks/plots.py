@@ -63,9 +63,12 @@ def plot_encode(reports: list[dict], out: Path) -> Path | None:
     ax.set_xticks(range(len(sizes)), [f"{s}\n{patches[s]} p" for s in sizes], fontsize=7)
     ax.set_ylabel("images/s")
     ax.set_title("Vision tower throughput by image size (p: patches per image)", fontsize=9)
+    return _save(plt, fig, ax, out / ENCODE_PNG)
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / ENCODE_PNG
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -93,12 +96,7 @@ def plot_decode(reports: list[dict], out: Path) -> Path | None:
     ax.set_xlabel("output tokens (max_tokens)")
     ax.set_ylabel("speedup (requests/s, store / end to end)")
     ax.set_title("Decoding from the store vs end to end", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / DECODE_PNG
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, out / DECODE_PNG)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
