@@ -59,6 +59,15 @@ def main() -> None:
         raise
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; what was stored so far is kept (a rerun resumes)", err=True)
+        sys.exit(130)
+    except Exception as exc:  # from vLLM, torch or the OS: one line, the traceback with --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,9 @@ class Decoder:
         return self._tokenizer
 
     def job_keys(self, job: Job) -> tuple[list[str], str | None]:
+        if len(job.images) > self.cfg.max_images_per_prompt:
+            return [], (f"job {job.id}: {len(job.images)} images, more than the limit of "
+                        f"{self.cfg.max_images_per_prompt} (--limit-images)")
         keys = []
         for ref in job.images:
             if is_key(ref):

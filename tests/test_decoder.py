@@ -134,3 +134,12 @@ def test_entries_from_another_vllm_or_device_are_refused(store, engine, images, 
         Decoder(store, engine=engine).generate(jobs)
     assert key in str(err.value) and "vLLM 0.26.0 on NVIDIA H200" in str(err.value) and "\n" not in str(err.value)
     assert Decoder(store.replace(allow_mismatch=True), engine=engine).generate(jobs)[0].error is None
+
+
+def test_too_many_images_is_that_jobs_error(store, engine, images, tmp_path):
+    jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "many", "images": [images[0]] * 3, "prompt": "x"},
+        {"id": "fine", "images": [images[0]], "prompt": "x"},
+    ]))
+    results = Decoder(store.replace(max_images_per_prompt=2), engine=engine).generate(jobs)
+    assert "3 images, more than the limit of 2" in results[0].error and results[1].error is None
