@@ -40,3 +40,11 @@ def test_unknown_model_is_one_line_error(tmp_path):
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 1
     assert out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_batch_invariant_kernels_are_found_in_this_vllm():
+    """The exact profile's matmul override must find vLLM's kernels whichever version moved them."""
+    from splitvlm.core.invariance import _OPS, _kernels
+
+    kernels = _kernels()
+    assert all(hasattr(kernels, fn) for _, fn in _OPS if not fn.endswith("out_batch_invariant"))
