@@ -81,6 +81,14 @@ def result_from_output(job: Job, output, keys: list[str]) -> Result:
     )
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (the shorter length when one is a prefix); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def vllm_prompt(text: str, images: dict | list | None) -> dict:
     """A vLLM prompt dict; text-only jobs carry no multi_modal_data."""
     return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}

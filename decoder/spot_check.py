@@ -15,7 +15,7 @@ import blake3
 
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.decoder.jobs import Job
-from splitvlm.decoder.pipeline import Result
+from splitvlm.decoder.pipeline import Result, first_difference
 
 # (jobs, their store keys) -> (end-to-end results in order, {store key: how it differs from a fresh encode})
 EndToEnd = Callable[[list[Job], list[list[str]]], tuple[list[Result], dict[str, str]]]
@@ -30,13 +30,6 @@ def chosen(job_id: str, fraction: float, seed: int) -> bool:
         return False
     digest = blake3.blake3(f"splitvlm.spot-check/1\0{seed}\0{job_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 @dataclass

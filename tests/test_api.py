@@ -48,3 +48,11 @@ def test_batch_invariant_kernels_are_found_in_this_vllm():
 
     kernels = _kernels()
     assert all(hasattr(kernels, fn) for _, fn in _OPS if not fn.endswith("out_batch_invariant"))
+
+
+def test_first_difference():
+    from splitvlm.decoder.pipeline import first_difference
+
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2

@@ -16,7 +16,13 @@ from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import load_image
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
-from splitvlm.decoder.pipeline import Decoder, Result, result_from_output, vllm_prompt
+from splitvlm.decoder.pipeline import (
+    Decoder,
+    Result,
+    first_difference,
+    result_from_output,
+    vllm_prompt,
+)
 from splitvlm.encoder.pipeline import Encoder, Prepared
 from splitvlm.store import EmbeddingStore
 
@@ -69,13 +75,6 @@ class Report:
         lines.append(f"embeddings identical {self.embeddings_identical}/{self.embeddings_checked}")
         lines.append(f"identical {self.identical}/{self.total}")
         return "\n".join(lines)
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def compare(split: Result, e2e: Result) -> JobComparison:
