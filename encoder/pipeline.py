@@ -117,7 +117,17 @@ class Encoder:
             if self._engine is None:
                 from splitvlm.core.engine import Engine
 
-                self._engine = Engine(self.cfg, encoder_only=self.cfg.encoder_only)
+                try:
+                    self._engine = Engine(self.cfg, encoder_only=self.cfg.encoder_only)
+                except SplitVLMError:
+                    raise
+                except Exception as exc:  # a vLLM build whose mm_encoder_only mode fails: the full engine
+                    if not self.cfg.encoder_only:
+                        raise
+                    print(f"warning: vLLM's encoder-only mode failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); starting the full engine",
+                          file=sys.stderr)
+                    self._engine = Engine(self.cfg, encoder_only=False)
         return self._engine
 
     def _fail(self, stats: Stats, path: str, error: str) -> None:

@@ -123,3 +123,21 @@ def test_resume_starts_no_engine(tiny_model, engine, corpus, tmp_path):
     again = Encoder(cfg)  # no engine given: one would start only if something needed encoding
     stats = again.encode(good[:3])
     assert stats.skipped == 3 and again._engine is None
+
+
+def test_encoder_only_failure_falls_back_to_the_full_engine(tiny_model, engine, corpus, tmp_path, monkeypatch, capsys):
+    import splitvlm.core.engine as engine_module
+
+    asked = []
+
+    def starts(cfg, encoder_only=False):
+        asked.append(encoder_only)
+        if encoder_only:
+            raise RuntimeError("mm_encoder_only not supported here")
+        return engine  # the session's real engine stands for a freshly started full one
+
+    monkeypatch.setattr(engine_module, "Engine", starts)
+    _, good, _ = corpus
+    stats = Encoder(config(tiny_model, tmp_path / "store")).encode(good[:2])
+    assert stats.encoded == 2 and asked == [True, False]
+    assert "encoder-only mode failed" in capsys.readouterr().err
