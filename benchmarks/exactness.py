@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import encode_batches
 from splitvlm.core.config import Config
 from splitvlm.core.identity import environment
 from splitvlm.core.samples import PROMPTS, synthetic_image
@@ -29,30 +30,6 @@ from splitvlm.core.samples import PROMPTS, synthetic_image
 def chat_prompt(tokenizer, text: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode_all(engine, prepared, batch_patches: int) -> tuple[list[torch.Tensor], float]:
-    out, batch, budget = [], [], 0
-    t0 = time.perf_counter()
-
-    def flush():
-        if batch:
-            pv = torch.cat([p for p, _ in batch])
-            grid = torch.cat([g for _, g in batch])
-            out.extend(engine.encode(pv, grid))
-            batch.clear()
-
-    for pv, grid in prepared:
-        n = int(grid.prod())
-        if batch and budget + n > batch_patches:
-            flush()
-            budget = 0
-        batch.append((pv, grid))
-        budget += n
-    flush()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def run_chunks(engine, prompts: list[dict], order: list[int], batch: int, params) -> tuple[list[list[int]], float]:
@@ -108,8 +85,8 @@ def main() -> None:
     tower = {}
     for mode in ("per_image", "batched"):
         os.environ["SPLITVLM_VISION"] = mode
-        encode_all(engine, prepared[:2], args.batch_patches)  # warm-up
-        embeds, secs = encode_all(engine, prepared, args.batch_patches)
+        encode_batches(engine, prepared[:2], args.batch_patches)  # warm-up
+        embeds, secs = encode_batches(engine, prepared, args.batch_patches)
         tower[mode] = (embeds, secs)
         report[f"tower_{mode}_images_per_s"] = len(images) / secs
     os.environ["SPLITVLM_VISION"] = report["environment"]["vision"]

@@ -40,15 +40,6 @@ def _prepare_process(profile: Profile, gpu: bool) -> None:
     _process_env = env
 
 
-def vllm_version() -> str:
-    try:
-        import vllm
-
-        return vllm.__version__
-    except ImportError:
-        return "not installed"
-
-
 class Engine:
     """A vLLM engine for Qwen2-VL under a splitvlm profile: preprocess, encode, generate."""
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from benchmarks.exactness import chat_prompt, encode_all, run_chunks
+from benchmarks.common import encode_batches
+from benchmarks.exactness import chat_prompt, run_chunks
 from splitvlm.core.samples import PROMPTS, synthetic_image
 
 
@@ -12,7 +13,7 @@ def test_batch_1_vs_8_vs_shuffled(engine):
     sizes = [(64, 64), (96, 128), (128, 96), (112, 112)]
     images = [synthetic_image(i, sizes[i % 4], seed=7) for i in range(8)]
     prepared = [engine.preprocess(im) for im in images]
-    embeds, _ = encode_all(engine, prepared, batch_patches=4096)
+    embeds, _ = encode_batches(engine, prepared, batch_patches=4096)
     tok = engine.tokenizer()
     jobs = [(i, p) for p in (0, 2) for i in range(8)]
     texts = [chat_prompt(tok, PROMPTS[p]) for _, p in jobs]
