@@ -119,6 +119,7 @@ class Decoder:
         self.keys = KeyMaker(cfg)
         self._engine = engine
         self._tokenizer = None
+        self._path_keys: dict[str, str] = {}
         self.stats = DecodeStats()
 
     @property
@@ -148,7 +149,9 @@ class Decoder:
                 keys.append(ref)
                 continue
             try:
-                keys.append(self.keys(read_image_bytes(ref)))
+                if ref not in self._path_keys:  # an image shared by many jobs is read and hashed once
+                    self._path_keys[ref] = self.keys(read_image_bytes(ref))
+                keys.append(self._path_keys[ref])
             except SplitVLMError as exc:
                 return [], f"job {job.id}: {exc}"
         return keys, None
@@ -188,6 +191,7 @@ class Decoder:
             check_tensors(e.key, e.image_embeds, e.image_grid_thw, e.meta, expect)
 
     def prepare(self, jobs: list[Job], store: EmbeddingStore) -> tuple[list[list[str]], list[str | None]]:
+        self._path_keys = {}  # files are read afresh on each run
         resolved = [self.job_keys(job) for job in jobs]
         keys = [k for k, _ in resolved]
         errors = [e for _, e in resolved]

@@ -101,11 +101,11 @@ class Verifier:
     def engine(self):
         return self.decoder.engine
 
-    def _source(self, ref: str, key: str, store: EmbeddingStore) -> str:
+    def _source(self, ref: str, key: str, store: EmbeddingStore, entry=None) -> str:
         """The image file behind a job's image: its path, or a stored entry's source with the same key."""
         if not is_key(ref):
             return ref
-        source = store.get(key).meta.get("source", "")
+        source = (entry or store.get(key)).meta.get("source", "")
         if source and Path(source).is_file() and self.decoder.keys(Path(source).read_bytes()) == key:
             return source
         raise SplitVLMError(f"{key}: no source image to run end to end (its recorded source is {source!r})")
@@ -151,8 +151,8 @@ class Verifier:
         for key, ref in tqdm(seen.items(), unit="img", desc="embeddings", disable=not self.cfg.show_progress, file=sys.stderr):
             report.embeddings_checked += 1
             try:
-                source = self._source(ref, key, store)
                 stored = store.get(key)
+                source = self._source(ref, key, store, stored)
                 pixel_values, grid = self.engine.preprocess(load_image(source)[1])
                 (fresh,) = encoder.embed([Prepared(source, key, pixel_values, grid)])
             except SplitVLMError as exc:
