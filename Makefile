@@ -7,7 +7,7 @@ export VLLM_TARGET_DEVICE ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/splitvlm demo
+
+# The GPU acceptance check (benchmarks/gpu_check.py), on a GPU box where splitvlm and vLLM are
+# installed in the interpreter $(GPU_PY); writes benchmarks/results/gpu_check.json, exits 1 on any failure.
+GPU_PY ?= python
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

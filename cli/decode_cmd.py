@@ -43,8 +43,10 @@ def end_to_end_runner(decoder):
 @click.option("--spot-check", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Share of the jobs to also run end to end (raw images) and compare byte for byte.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which jobs the spot check picks.")
+@click.option("--stats-json", type=click.Path(dir_okay=False),
+              help="Write the run's figures (and the engine's settings as vLLM reported them) as JSON.")
 def command(jobs_path, out, max_tokens, stop, limit_images, on_missing, batch_jobs, cache, spot_check, seed,
-            **kw) -> None:
+            stats_json, **kw) -> None:
     """Decode jobs from stored embeddings with greedy sampling in vLLM.
 
     Each output line holds id, text, token_ids, finish_reason, sha256 of the text,
@@ -71,6 +73,12 @@ def command(jobs_path, out, max_tokens, stop, limit_images, on_missing, batch_jo
     if report is not None:
         click.echo(report.summary())
     click.echo(f"wrote {out}")
+    if stats_json:
+        figures = {**decoder.stats.to_dict(), "engine": decoder.engine_settings()}
+        if report is not None:
+            figures["spot_check"] = report.to_json()
+        with open(stats_json, "w", encoding="utf-8") as f:
+            json.dump(figures, f, indent=2)
     if report is not None and report.mismatches:
         sys.exit(3)
     if decoder.stats.failed or (report is not None and report.errors):

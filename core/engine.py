@@ -10,21 +10,35 @@ from typing import Any
 import torch
 
 from splitvlm.core.config import Config
-from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.errors import EngineStartError, SplitVLMError
 from splitvlm.core.profiles import Profile, get_profile
 
 ARCH = "SplitVLMQwen2VL"
 _process_env: dict[str, str] | None = None
+_starts = 0  # vLLM engines this process has tried to start (an encode run may start at most one)
+
+
+def engine_starts() -> int:
+    """How many vLLM engines this process has tried to start."""
+    return _starts
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _prepare_process(profile: Profile, gpu: bool) -> None:
+def _runner_env(gpu: bool, encoder_only: bool) -> dict[str, str]:
+    """vLLM 0.26's V2 model runner has no encoder-only path: its dummy runs call the language
+    model, which mm_encoder_only leaves on the meta device ("Cannot copy out of meta tensor",
+    "fake tensor call"). The V1 runner skips the language model's dummy run, sampler and KV
+    cache when mm_encoder_only is set (gpu_model_runner.py), so encoder-only engines use it."""
+    return {"VLLM_USE_V2_MODEL_RUNNER": "0"} if gpu and encoder_only else {}
+
+
+def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False) -> None:
     """Set the environment vLLM reads once per process; a second, different profile is refused."""
     global _process_env
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **profile.env(gpu)}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **profile.env(gpu), **_runner_env(gpu, encoder_only)}
     for name in env:  # SPLITVLM_* knobs already set by the user win (experiments, benchmarks)
         if name.startswith("SPLITVLM_") and name in os.environ:
             env[name] = os.environ[name]
@@ -45,12 +59,15 @@ class Engine:
 
     def __init__(self, cfg: Config, encoder_only: bool = False):
         """encoder_only: vLLM's mm_encoder_only mode, the vision tower alone (no language model
-        weights, no KV cache); preprocess and encode work, generate does not."""
+        weights, no KV cache), always eager; preprocess and encode work, generate does not.
+
+        Raises EngineStartError, with vLLM's reason on one line, when vLLM cannot start."""
+        global _starts
         self.cfg = cfg
         self.encoder_only = encoder_only
         self.profile = get_profile(cfg.profile)
         self.gpu = on_gpu()
-        _prepare_process(self.profile, self.gpu)
+        _prepare_process(self.profile, self.gpu, encoder_only)
         try:
             from vllm import LLM, ModelRegistry
         except ImportError as exc:
@@ -70,7 +87,7 @@ class Engine:
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             max_num_seqs=cfg.max_num_seqs,
             gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if self.gpu else 0.3),
-            enforce_eager=(not self.gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            enforce_eager=self._eager(cfg, encoder_only),
         )
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
@@ -79,13 +96,31 @@ class Engine:
         kwargs.update(self.profile.engine_kwargs(self.gpu))
         if encoder_only:
             kwargs["mm_encoder_only"] = True
-        self.llm = LLM(**kwargs)
+        self.settings = {k: v for k, v in kwargs.items() if k not in ("hf_overrides",)}
+        _starts += 1
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:
+            mode = "encoder-only" if encoder_only else "full"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = "; try --full-engine" if encoder_only else ""
+            raise EngineStartError(
+                f"vLLM could not start the {mode} engine for {cfg.model} ({type(exc).__name__}: {reason}){hint}"
+            ) from exc
         self.model_config = self.llm.llm_engine.model_config
         hf_config = self.model_config.hf_config
         self.hidden_size: int = hf_config.text_config.hidden_size if hasattr(hf_config, "text_config") else hf_config.hidden_size
         self.merge_size: int = hf_config.vision_config.spatial_merge_size
         self.dtype: torch.dtype = self.model_config.dtype
         self._mm_processor = None
+
+    @staticmethod
+    def _eager(cfg: Config, encoder_only: bool) -> bool:
+        """The tower runs in batches splitvlm builds, so an encoder-only engine gains nothing
+        from torch.compile or CUDA graphs (they only serve the language model)."""
+        if encoder_only:
+            return True
+        return (not on_gpu()) if cfg.enforce_eager is None else cfg.enforce_eager
 
     # -- preprocessing, exactly as vLLM's multimodal processor does it --
     def _processor(self):
@@ -155,6 +190,35 @@ class Engine:
 
     def tokenizer(self):
         return self.llm.get_tokenizer()
+
+    def reported(self) -> dict[str, Any]:
+        """The engine's settings as vLLM resolved them (not as splitvlm asked for them)."""
+        vc = self.llm.llm_engine.vllm_config
+        mm = self.model_config.multimodal_config
+        comp, cache, sched = vc.compilation_config, vc.cache_config, vc.scheduler_config
+
+        def text(value: Any) -> Any:
+            return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+        fields = {
+            "mm_encoder_only": getattr(mm, "mm_encoder_only", None),
+            "mm_encoder_attn_backend": getattr(mm, "mm_encoder_attn_backend", None),
+            "enforce_eager": self.model_config.enforce_eager,
+            "compilation_mode": getattr(comp, "mode", None),
+            "cudagraph_mode": getattr(comp, "cudagraph_mode", None),
+            "v2_model_runner": getattr(vc, "use_v2_model_runner", None),
+            "attention_backend": getattr(getattr(vc, "attention_config", None), "backend", None),
+            "enable_prefix_caching": cache.enable_prefix_caching,
+            "num_gpu_blocks": cache.num_gpu_blocks,
+            "gpu_memory_utilization": cache.gpu_memory_utilization,
+            "max_model_len": self.model_config.max_model_len,
+            "max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "dtype": self.model_config.dtype,
+            "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0"),
+            "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
+        }
+        return {name: text(value) for name, value in fields.items()}
 
     def environment(self) -> dict[str, str]:
         from splitvlm.core.identity import environment

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from splitvlm.core.errors import SplitVLMError
 MAX_PIXELS = 100_000_000  # larger is treated as a decompression bomb
 MAX_ASPECT = 200  # Qwen2-VL refuses more extreme aspect ratios
 MIN_SIDE = 4
+MAX_FILE_BYTES = 256 * 1024 * 1024  # no image file of a usable size is larger
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -30,15 +32,27 @@ class ImageError(SplitVLMError):
 
 
 def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; FIFOs and devices are never opened."""
     p = Path(path)
     if p.is_symlink() and not p.exists():
         raise ImageError(f"{p}: broken link")
-    if p.is_dir():
-        raise ImageError(f"{p}: is a folder, not an image")
     try:
-        data = p.read_bytes()
+        info = p.stat()
     except OSError as exc:
         raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{p}: is a folder, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{p}: not a regular file (a FIFO, socket or device), not read")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{p}: {info.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for an image file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"{p}: grew past the {MAX_FILE_BYTES:,}-byte limit while being read")
     if not data:
         raise ImageError(f"{p}: empty file (0 bytes)")
     return data

@@ -60,6 +60,9 @@ class DecodeStats:
     seconds: float = 0.0
     cached: int | None = None  # None: no cache in use
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "requests_per_s": self.jobs / self.seconds if self.seconds else 0.0}
+
     def summary(self) -> str:
         rate = self.jobs / self.seconds if self.seconds else 0.0
         tps = self.output_tokens / self.seconds if self.seconds else 0.0
@@ -129,6 +132,10 @@ class Decoder:
 
             self._engine = Engine(self.cfg)
         return self._engine
+
+    def engine_settings(self) -> dict:
+        """The engine's settings as vLLM reported them; empty when no engine was started."""
+        return self._engine.reported() if self._engine is not None else {}
 
     @property
     def tokenizer(self):

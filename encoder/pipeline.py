@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from splitvlm.core.config import Config
-from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.errors import EngineStartError, SplitVLMError
 from splitvlm.core.images import decode_image, read_image_bytes
 from splitvlm.core.lock import check_lock
 from splitvlm.encoder.inputs import expand_inputs
@@ -34,6 +34,9 @@ class Stats:
     tower_seconds: float = 0.0
     store_seconds: float = 0.0
     patches: int = 0
+    engine_start_s: float | None = None  # None: no engine was needed
+    first_stored_s: float | None = None  # from the run's start to the first entry committed
+    engine: dict = field(default_factory=dict)  # the engine's settings as vLLM reported them
     failures: list[dict] = field(default_factory=list)
 
     @property
@@ -68,8 +71,8 @@ class Prepared:
 class _Writer:
     """Writes batches to the store on its own thread, off the vision tower's path."""
 
-    def __init__(self, store: EmbeddingStore, stats: Stats, overwrite: bool):
-        self.store, self.stats, self.overwrite = store, stats, overwrite
+    def __init__(self, store: EmbeddingStore, stats: Stats, overwrite: bool, started: float):
+        self.store, self.stats, self.overwrite, self.started = store, stats, overwrite, started
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -82,6 +85,8 @@ class _Writer:
             t0 = time.perf_counter()
             try:
                 self.store.put_many(entries, overwrite=self.overwrite)
+                if self.stats.first_stored_s is None:
+                    self.stats.first_stored_s = time.perf_counter() - self.started
             except BaseException as exc:  # re-raised on the main thread by close()
                 self.error = exc
             self.stats.store_seconds += time.perf_counter() - t0
@@ -109,25 +114,26 @@ class Encoder:
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine
+        self._engine_error: EngineStartError | None = None
+        self.engine_start_s: float | None = None
         self._engine_lock = threading.Lock()
 
     @property
     def engine(self):
+        """The engine, started once on first need; a failed start is raised again, never retried."""
         with self._engine_lock:  # loader threads ask for it; start it once, and only when needed
+            if self._engine_error is not None:
+                raise self._engine_error
             if self._engine is None:
                 from splitvlm.core.engine import Engine
 
+                t0 = time.perf_counter()
                 try:
                     self._engine = Engine(self.cfg, encoder_only=self.cfg.encoder_only)
-                except SplitVLMError:
+                    self.engine_start_s = time.perf_counter() - t0
+                except EngineStartError as exc:
+                    self._engine_error = exc
                     raise
-                except Exception as exc:  # a vLLM build whose mm_encoder_only mode fails: the full engine
-                    if not self.cfg.encoder_only:
-                        raise
-                    print(f"warning: vLLM's encoder-only mode failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); starting the full engine",
-                          file=sys.stderr)
-                    self._engine = Engine(self.cfg, encoder_only=False)
         return self._engine
 
     def _fail(self, stats: Stats, path: str, error: str) -> None:
@@ -147,6 +153,8 @@ class Encoder:
                 return "stored", path, key
             pixel_values, grid = self.engine.preprocess(decode_image(data, path))
             return Prepared(path, key, pixel_values, grid)
+        except EngineStartError:
+            raise  # not this image's fault: the run stops
         except SplitVLMError as exc:
             return "failed", path, str(exc)
         except Exception as exc:  # the processor's own refusal of an image
@@ -220,16 +228,19 @@ class Encoder:
         paths = expand_inputs(inputs)
         stats.inputs = len(paths)
         with EmbeddingStore(self.cfg.store) as store:
-            self._run(store, paths, stats)
+            self._run(store, paths, stats, t0)
         stats.seconds = time.perf_counter() - t0
+        stats.engine_start_s = self.engine_start_s
+        if self._engine is not None:
+            stats.engine = self._engine.reported()
         if self.cfg.failures:
             with open(self.cfg.failures, "w", encoding="utf-8") as f:
                 for failure in stats.failures:
                     f.write(json.dumps(failure, ensure_ascii=False) + "\n")
         return stats
 
-    def _run(self, store: EmbeddingStore, paths: list[str], stats: Stats) -> None:
-        writer = _Writer(store, stats, self.cfg.overwrite)
+    def _run(self, store: EmbeddingStore, paths: list[str], stats: Stats, started: float) -> None:
+        writer = _Writer(store, stats, self.cfg.overwrite, started)
         bar = tqdm(total=len(paths), unit="img", desc="encode", disable=not self.cfg.show_progress, file=sys.stderr)
         try:
             for batch in self._batches(self._loaded(paths, store), stats, bar):

@@ -125,19 +125,47 @@ def test_resume_starts_no_engine(tiny_model, engine, corpus, tmp_path):
     assert stats.skipped == 3 and again._engine is None
 
 
-def test_encoder_only_failure_falls_back_to_the_full_engine(tiny_model, engine, corpus, tmp_path, monkeypatch, capsys):
-    import splitvlm.core.engine as engine_module
+def test_encode_starts_vllm_once_whatever_the_inputs(tiny_model, engine, corpus, tmp_path):
+    """Good, bad and unpreprocessable inputs in one run: one engine start (encoder-only), never one per image."""
+    from splitvlm.core.engine import engine_starts
 
-    asked = []
+    root, good, bad_names = corpus
+    cfg = config(tiny_model, tmp_path / "store", batch_patches=600)
+    before = engine_starts()
+    encoder = Encoder(cfg)  # starts its own encoder-only engine
+    stats = encoder.encode([str(root / "imgs")])
+    assert engine_starts() - before == 1
+    assert encoder.engine.encoder_only and encoder.engine.settings["enforce_eager"] is True
+    assert stats.encoded == len(good) and stats.failed == len(bad_names)
 
-    def starts(cfg, encoder_only=False):
-        asked.append(encoder_only)
-        if encoder_only:
-            raise RuntimeError("mm_encoder_only not supported here")
-        return engine  # the session's real engine stands for a freshly started full one
 
-    monkeypatch.setattr(engine_module, "Engine", starts)
+def test_engine_that_cannot_start_stops_the_run_once_and_keeps_the_store(tiny_model, engine, corpus, tmp_path):
+    from splitvlm.core.engine import engine_starts
+    from splitvlm.core.errors import EngineStartError
+
     _, good, _ = corpus
-    stats = Encoder(config(tiny_model, tmp_path / "store")).encode(good[:2])
-    assert stats.encoded == 2 and asked == [True, False]
-    assert "encoder-only mode failed" in capsys.readouterr().err
+    cfg = config(tiny_model, tmp_path / "store")
+    Encoder(cfg, engine=engine).encode(good[:2])
+    broken = cfg.replace(max_model_len=10**8)  # longer than the model's positions: vLLM refuses to start
+    before = engine_starts()
+    with pytest.raises(EngineStartError) as info:
+        Encoder(broken).encode(good[:12])
+    assert engine_starts() - before == 1
+    assert "\n" not in str(info.value) and "could not start" in str(info.value)
+    with EmbeddingStore(cfg.store) as store:
+        assert len(store) == 2
+
+
+def test_cli_engine_start_failure_is_one_line_and_exit_1(tiny_model, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    _, good, _ = corpus
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvlm.cli.main", "encode", "--model", tiny_model, "--store", str(tmp_path / "S"),
+         "--max-model-len", str(10**8), "--no-progress", *good[:6]],
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: vLLM could not start"), proc.stderr

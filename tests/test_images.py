@@ -93,3 +93,21 @@ def test_bad_paths(tmp_path):
     Image.new("RGB", (20, 20), "blue").save(tmp_path / "ok.png")
     data, img = load_image(tmp_path / "ok.png")
     assert data == (tmp_path / "ok.png").read_bytes() and img.size == (20, 20)
+
+
+def test_fifo_device_and_oversized_files_are_refused_without_reading(tmp_path, monkeypatch):
+    import splitvlm.core.images as images
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it would block forever
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image_bytes(fifo)
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image_bytes(zero)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * 2000)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ImageError, match="over the 1,000-byte limit"):
+        read_image_bytes(big)

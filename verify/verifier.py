@@ -46,6 +46,7 @@ class Report:
     identical: int = 0
     profile: str = ""
     environment: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # the engine's settings as vLLM reported them
     embeddings_checked: int = 0
     embeddings_identical: int = 0
     embedding_mismatches: list[dict] = field(default_factory=list)
@@ -168,7 +169,8 @@ class Verifier:
                              f"elements (max abs diff {diff.max().item():.3g})"})
 
     def run(self, jobs: list[Job]) -> Report:
-        report = Report(profile=self.cfg.profile, environment=self.engine.environment())
+        report = Report(profile=self.cfg.profile, environment=self.engine.environment(),
+                        engine=self.engine.reported())
         t0 = time.perf_counter()
         split = self.decoder.generate(jobs)
         t1 = time.perf_counter()

@@ -1,0 +1,184 @@
+"""The one-call GPU acceptance check: every user-facing step through the real CLI, one JSON verdict.
+
+python -m benchmarks.gpu_check [--arch qwen2-vl-2b] [--device cuda] [--images 264] [--max-tokens 32]
+    [--work /tmp/splitvlm-gpu-check] [--logs DIR] [--out benchmarks/results/gpu_check.json]
+
+Steps: make-model; encode (good and bad inputs; exit 2 with exactly the bad ones listed);
+store check; decode --cache (batch 256); decode --cache again (all from the cache, identical);
+verify (every job and embedding); the batch matrix (benchmarks.batch_matrix: batch 1, 8, 256,
+1024 and shuffled, against batch 256 and the first decode); env --lock; a locked decode with
+--spot-check. The JSON is rewritten after each step, so a run cut short still says how far it
+got. Exit status 1 on any mismatch, failure or unmet limit. `make gpu-check` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.check_corpus import make_corpus, write_jobs
+
+ENCODE_LIMIT_S = 60.0  # encode wall time for the corpus, engine start included
+FIRST_ENTRY_LIMIT_S = 20.0  # encode start to the first stored entry
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work)
+        self.logs = Path(args.logs or self.work / "logs")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out)
+        self.report: dict = {"command": " ".join(["python -m benchmarks.gpu_check", *sys.argv[1:]]),
+                             "commit": args.commit or git("rev-parse", "HEAD") or "unknown",
+                             "dirty": bool(git("status", "--porcelain")) if not args.commit else "not known (--commit given)",
+                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}, "checks": {}}
+
+    def save(self) -> None:
+        self.report["ok"] = bool(self.report["checks"]) and all(c["ok"] for c in self.report["checks"].values())
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.report, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def run(self, name: str, argv: list[str], module: str = "splitvlm.cli.main") -> int:
+        cmd = [sys.executable, "-m", module, *argv]
+        t0 = time.perf_counter()
+        with open(self.logs / f"{name}.log", "w", encoding="utf-8") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=self.args.step_timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        seconds = time.perf_counter() - t0
+        self.report["steps"][name] = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(seconds, 2)}
+        print(f"{name}: rc {rc}, {seconds:.1f} s", flush=True)
+        self.save()
+        return rc
+
+    def check(self, name: str, ok: bool, **facts) -> None:
+        self.report["checks"][name] = {"ok": bool(ok), **facts}
+        print(f"  {'ok ' if ok else 'FAIL'} {name} {json.dumps(facts, ensure_ascii=False)[:300]}", flush=True)
+        self.save()
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def same_outputs(a: list[dict], b: list[dict]) -> int:
+    return sum(x["id"] == y["id"] and x.get("token_ids") == y.get("token_ids") and x.get("text") == y.get("text")
+               and "error" not in x for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="Where make-model draws the weights.")
+    ap.add_argument("--images", type=int, default=264, help="Good images (the eight bad inputs come on top).")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--spot-check", type=float, default=0.05)
+    ap.add_argument("--sample", type=int, default=32, help="Jobs the batch matrix runs alone.")
+    ap.add_argument("--work", default="/tmp/splitvlm-gpu-check")
+    ap.add_argument("--logs", help="Where each step's log goes (default WORK/logs).")
+    ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    ap.add_argument("--commit", help="The commit being checked, where the tree has no .git (a device copy).")
+    ap.add_argument("--step-timeout", type=float, default=300)
+    ap.add_argument("--no-limits", action="store_true", help="Skip the wall-time limits (for CPU smoke runs).")
+    args = ap.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    c = Check(args)
+    w = c.work
+    model, store = str(w / "model"), str(w / "store")
+    rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
+    c.report["environment"] = load(w / "lock.json")
+    c.check("env_lock", rc == 0)
+
+    rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
+    c.check("make_model", rc == 0, arch=args.arch)
+    corpus = make_corpus(w / "corpus", args.images)
+    njobs = write_jobs(corpus, w / "jobs.jsonl")
+    c.report["corpus"] = {"good": len(corpus.good), "bad": len(corpus.bad), "jobs": njobs}
+    common = ["--model", model, "--store", store, "--no-progress"]
+
+    rc = c.run("encode", ["encode", *common, "--failures", str(w / "failures.jsonl"),
+                          "--stats-json", str(w / "encode.json"), str(corpus.root / "images")])
+    stats, failed = load(w / "encode.json"), sorted(f["path"] for f in read_jsonl(w / "failures.jsonl"))
+    c.report["encode"] = {k: v for k, v in stats.items() if k != "failures"}
+    c.check("encode_bad_inputs_listed", rc == 2 and failed == corpus.bad, rc=rc, listed=len(failed),
+            unexpected=sorted(set(failed) - set(corpus.bad)), missed=sorted(set(corpus.bad) - set(failed)))
+    c.check("encode_stored_all_good", stats.get("encoded") == len(corpus.good), encoded=stats.get("encoded"))
+    encode_s = c.report["steps"]["encode"]["seconds"]
+    first = stats.get("first_stored_s")
+    c.check("encode_speed", args.no_limits or (encode_s <= ENCODE_LIMIT_S and first is not None
+                                               and first <= FIRST_ENTRY_LIMIT_S),
+            wall_s=encode_s, first_stored_s=first, engine_start_s=stats.get("engine_start_s"),
+            images_per_s=stats.get("images_per_s"), limits=[ENCODE_LIMIT_S, FIRST_ENTRY_LIMIT_S])
+    engine = stats.get("engine", {})
+    c.check("encode_engine_tower_only", engine.get("mm_encoder_only") is True and engine.get("enforce_eager") is True,
+            engine=engine)
+
+    rc = c.run("store_check", ["store", "check", "--store", store])
+    c.check("store_check", rc == 0)
+
+    jobs = ["--jobs", str(w / "jobs.jsonl"), "--max-tokens", str(args.max_tokens)]
+    rc = c.run("decode", ["decode", *common, *jobs, "--cache", "--out", str(w / "decode1.jsonl"),
+                          "--stats-json", str(w / "decode1.json")])
+    first_run = read_jsonl(w / "decode1.jsonl")
+    c.report["decode"] = load(w / "decode1.json")
+    c.check("decode", rc == 0 and len(first_run) == njobs and all("error" not in r for r in first_run),
+            rc=rc, results=len(first_run))
+    rc = c.run("decode_cached", ["decode", *common, *jobs, "--cache", "--out", str(w / "decode2.jsonl"),
+                                 "--stats-json", str(w / "decode2.json")])
+    second = read_jsonl(w / "decode2.jsonl")
+    cached = sum(bool(r.get("cached")) for r in second)
+    c.check("cache_second_run", rc == 0 and cached == njobs and same_outputs(first_run, second) == njobs,
+            cached=cached, identical=same_outputs(first_run, second), jobs=njobs,
+            engine_started=bool(load(w / "decode2.json").get("engine")))
+
+    rc = c.run("verify", ["verify", *common, *jobs, "--report", str(w / "verify.json")])
+    v = load(w / "verify.json")
+    c.report["verify"] = {k: v.get(k) for k in ("total", "identical", "embeddings_checked", "embeddings_identical",
+                                                  "seconds", "engine", "ok")}
+    c.check("verify", rc == 0 and v.get("ok") is True and v.get("total") == njobs,
+            identical=v.get("identical"), total=v.get("total"),
+            embeddings=f"{v.get('embeddings_identical')}/{v.get('embeddings_checked')}")
+
+    rc = c.run("batch_matrix", ["--model", model, "--store", store, "--jobs", str(w / "jobs.jsonl"),
+                                "--max-tokens", str(args.max_tokens), "--sample", str(args.sample),
+                                "--reference", str(w / "decode1.jsonl"), "--out", str(w / "matrix.json")],
+               module="benchmarks.batch_matrix")
+    m = load(w / "matrix.json")
+    c.report["batch_matrix"] = {k: m.get(k) for k in ("settings", "reference", "engine", "ok")}
+    c.check("batch_matrix", rc == 0 and m.get("ok") is True, settings=m.get("settings"))
+
+    rc = c.run("locked_spot_check", ["decode", *common, *jobs, "--lock", str(w / "lock.json"),
+                                     "--spot-check", str(args.spot_check), "--out", str(w / "spot.jsonl"),
+                                     "--stats-json", str(w / "spot.json")])
+    spot = load(w / "spot.json").get("spot_check", {})
+    spot_out = read_jsonl(w / "spot.jsonl")
+    c.check("locked_spot_check", rc == 0 and spot.get("identical") == len(spot.get("checked", [])) > 0
+            and same_outputs(first_run, spot_out) == njobs,
+            checked=len(spot.get("checked", [])), identical=spot.get("identical"),
+            same_as_first_decode=same_outputs(first_run, spot_out))
+    print(f"gpu check: {'PASS' if c.report['ok'] else 'FAIL'}; wrote {c.out}")
+    sys.exit(0 if c.report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
