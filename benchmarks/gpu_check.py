@@ -3,12 +3,14 @@
 python -m benchmarks.gpu_check [--arch qwen2-vl-2b] [--device cuda] [--images 264] [--max-tokens 32]
     [--work /tmp/splitvlm-gpu-check] [--logs DIR] [--out benchmarks/results/gpu_check.json]
 
-Steps: make-model; encode (good and bad inputs; exit 2 with exactly the bad ones listed);
-store check; decode --cache (batch 256); decode --cache again (all from the cache, identical);
-verify (every job and embedding); the batch matrix (benchmarks.batch_matrix: batch 1, 8, 256,
-1024 and shuffled, against batch 256 and the first decode); env --lock; a locked decode with
---spot-check. The JSON is rewritten after each step, so a run cut short still says how far it
-got. Exit status 1 on any mismatch, failure or unmet limit. `make gpu-check` runs it.
+Steps: env --lock; make-model; encode (good and bad inputs; exit 2 with exactly the bad ones
+listed), alone on the GPU so its wall time is clean; store check. Then three lanes run side by
+side, each engine with a third of the GPU's memory: (a) decode --cache (batch 256), decode --cache
+again (all from the cache, identical), a locked decode with --spot-check; (b) verify (every job
+and embedding); (c) the batch matrix (benchmarks.batch_matrix: batch 1, 8, 256, 1024 and
+shuffled, against batch 256, and batch 256 against lane a's decode). The JSON is rewritten
+after each step, so a run cut short still says how far it got. Exit status 1 on any mismatch,
+failure or unmet limit. `make gpu-check` runs it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.check_corpus import make_corpus, write_jobs
@@ -34,12 +38,17 @@ class Check:
         self.logs = Path(args.logs or self.work / "logs")
         self.logs.mkdir(parents=True, exist_ok=True)
         self.out = Path(args.out)
+        self.lock = threading.Lock()
         self.report: dict = {"command": " ".join(["python -m benchmarks.gpu_check", *sys.argv[1:]]),
                              "commit": args.commit or git("rev-parse", "HEAD") or "unknown",
                              "dirty": bool(git("status", "--porcelain")) if not args.commit else "not known (--commit given)",
                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}, "checks": {}}
 
     def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
         self.report["ok"] = bool(self.report["checks"]) and all(c["ok"] for c in self.report["checks"].values())
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(self.report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -55,13 +64,15 @@ class Check:
             except subprocess.TimeoutExpired:
                 rc = 124
         seconds = time.perf_counter() - t0
-        self.report["steps"][name] = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(seconds, 2)}
+        with self.lock:
+            self.report["steps"][name] = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(seconds, 2)}
         print(f"{name}: rc {rc}, {seconds:.1f} s", flush=True)
         self.save()
         return rc
 
     def check(self, name: str, ok: bool, **facts) -> None:
-        self.report["checks"][name] = {"ok": bool(ok), **facts}
+        with self.lock:
+            self.report["checks"][name] = {"ok": bool(ok), **facts}
         print(f"  {'ok ' if ok else 'FAIL'} {name} {json.dumps(facts, ensure_ascii=False)[:300]}", flush=True)
         self.save()
 
@@ -86,7 +97,7 @@ def same_outputs(a: list[dict], b: list[dict]) -> int:
                and "error" not in x for x, y in zip(a, b))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="qwen2-vl-2b")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="Where make-model draws the weights.")
@@ -94,28 +105,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--spot-check", type=float, default=0.05)
     ap.add_argument("--sample", type=int, default=32, help="Jobs the batch matrix runs alone.")
+    ap.add_argument("--lane-memory", type=float, default=0.28, help="GPU memory share of each lane's engine.")
     ap.add_argument("--work", default="/tmp/splitvlm-gpu-check")
     ap.add_argument("--logs", help="Where each step's log goes (default WORK/logs).")
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     ap.add_argument("--commit", help="The commit being checked, where the tree has no .git (a device copy).")
-    ap.add_argument("--step-timeout", type=float, default=300)
+    ap.add_argument("--step-timeout", type=float, default=420)
     ap.add_argument("--no-limits", action="store_true", help="Skip the wall-time limits (for CPU smoke runs).")
-    args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    c = Check(args)
+    return ap.parse_args()
+
+
+def encode_steps(c: Check, common: list[str], corpus) -> None:
     w = c.work
-    model, store = str(w / "model"), str(w / "store")
-    rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
-    c.report["environment"] = load(w / "lock.json")
-    c.check("env_lock", rc == 0)
-
-    rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
-    c.check("make_model", rc == 0, arch=args.arch)
-    corpus = make_corpus(w / "corpus", args.images)
-    njobs = write_jobs(corpus, w / "jobs.jsonl")
-    c.report["corpus"] = {"good": len(corpus.good), "bad": len(corpus.bad), "jobs": njobs}
-    common = ["--model", model, "--store", store, "--no-progress"]
-
     rc = c.run("encode", ["encode", *common, "--failures", str(w / "failures.jsonl"),
                           "--stats-json", str(w / "encode.json"), str(corpus.root / "images")])
     stats, failed = load(w / "encode.json"), sorted(f["path"] for f in read_jsonl(w / "failures.jsonl"))
@@ -125,18 +126,20 @@ def main() -> None:
     c.check("encode_stored_all_good", stats.get("encoded") == len(corpus.good), encoded=stats.get("encoded"))
     encode_s = c.report["steps"]["encode"]["seconds"]
     first = stats.get("first_stored_s")
-    c.check("encode_speed", args.no_limits or (encode_s <= ENCODE_LIMIT_S and first is not None
-                                               and first <= FIRST_ENTRY_LIMIT_S),
+    c.check("encode_speed", c.args.no_limits or (encode_s <= ENCODE_LIMIT_S and first is not None
+                                                 and first <= FIRST_ENTRY_LIMIT_S),
             wall_s=encode_s, first_stored_s=first, engine_start_s=stats.get("engine_start_s"),
             images_per_s=stats.get("images_per_s"), limits=[ENCODE_LIMIT_S, FIRST_ENTRY_LIMIT_S])
     engine = stats.get("engine", {})
     c.check("encode_engine_tower_only", engine.get("mm_encoder_only") is True and engine.get("enforce_eager") is True,
             engine=engine)
-
-    rc = c.run("store_check", ["store", "check", "--store", store])
+    rc = c.run("store_check", ["store", "check", "--store", str(w / "store")])
     c.check("store_check", rc == 0)
 
-    jobs = ["--jobs", str(w / "jobs.jsonl"), "--max-tokens", str(args.max_tokens)]
+
+def lane_decode(c: Check, common: list[str], jobs: list[str], njobs: int) -> None:
+    """decode --cache, decode --cache again, then a locked decode with a spot check."""
+    w = c.work
     rc = c.run("decode", ["decode", *common, *jobs, "--cache", "--out", str(w / "decode1.jsonl"),
                           "--stats-json", str(w / "decode1.json")])
     first_run = read_jsonl(w / "decode1.jsonl")
@@ -150,25 +153,8 @@ def main() -> None:
     c.check("cache_second_run", rc == 0 and cached == njobs and same_outputs(first_run, second) == njobs,
             cached=cached, identical=same_outputs(first_run, second), jobs=njobs,
             engine_started=bool(load(w / "decode2.json").get("engine")))
-
-    rc = c.run("verify", ["verify", *common, *jobs, "--report", str(w / "verify.json")])
-    v = load(w / "verify.json")
-    c.report["verify"] = {k: v.get(k) for k in ("total", "identical", "embeddings_checked", "embeddings_identical",
-                                                  "seconds", "engine", "ok")}
-    c.check("verify", rc == 0 and v.get("ok") is True and v.get("total") == njobs,
-            identical=v.get("identical"), total=v.get("total"),
-            embeddings=f"{v.get('embeddings_identical')}/{v.get('embeddings_checked')}")
-
-    rc = c.run("batch_matrix", ["--model", model, "--store", store, "--jobs", str(w / "jobs.jsonl"),
-                                "--max-tokens", str(args.max_tokens), "--sample", str(args.sample),
-                                "--reference", str(w / "decode1.jsonl"), "--out", str(w / "matrix.json")],
-               module="benchmarks.batch_matrix")
-    m = load(w / "matrix.json")
-    c.report["batch_matrix"] = {k: m.get(k) for k in ("settings", "reference", "engine", "ok")}
-    c.check("batch_matrix", rc == 0 and m.get("ok") is True, settings=m.get("settings"))
-
     rc = c.run("locked_spot_check", ["decode", *common, *jobs, "--lock", str(w / "lock.json"),
-                                     "--spot-check", str(args.spot_check), "--out", str(w / "spot.jsonl"),
+                                     "--spot-check", str(c.args.spot_check), "--out", str(w / "spot.jsonl"),
                                      "--stats-json", str(w / "spot.json")])
     spot = load(w / "spot.json").get("spot_check", {})
     spot_out = read_jsonl(w / "spot.jsonl")
@@ -176,6 +162,59 @@ def main() -> None:
             and same_outputs(first_run, spot_out) == njobs,
             checked=len(spot.get("checked", [])), identical=spot.get("identical"),
             same_as_first_decode=same_outputs(first_run, spot_out))
+
+
+def lane_verify(c: Check, common: list[str], jobs: list[str], njobs: int) -> None:
+    w = c.work
+    rc = c.run("verify", ["verify", *common, *jobs, "--report", str(w / "verify.json")])
+    v = load(w / "verify.json")
+    c.report["verify"] = {k: v.get(k) for k in ("total", "identical", "embeddings_checked", "embeddings_identical",
+                                                  "seconds", "engine", "ok")}
+    c.report["verify"]["differ"] = [j["id"] for j in v.get("jobs", []) if not j["identical"]][:20]
+    c.check("verify", rc == 0 and v.get("ok") is True and v.get("total") == njobs,
+            identical=v.get("identical"), total=v.get("total"),
+            embeddings=f"{v.get('embeddings_identical')}/{v.get('embeddings_checked')}")
+
+
+def lane_matrix(c: Check, _common: list[str], jobs: list[str], njobs: int) -> None:
+    w = c.work
+    rc = c.run("batch_matrix", ["--model", str(w / "model"), "--store", str(w / "store"), *jobs,
+                                "--sample", str(c.args.sample), "--gpu-memory-utilization", str(c.args.lane_memory),
+                                "--save-outputs", str(w / "batch_256.jsonl"), "--out", str(w / "matrix.json")],
+               module="benchmarks.batch_matrix")
+    m = load(w / "matrix.json")
+    c.report["batch_matrix"] = {k: m.get(k) for k in ("settings", "engine", "ok")}
+    c.check("batch_matrix", rc == 0 and m.get("ok") is True and m.get("settings", {}).get("batch_256", {}).get("jobs") == njobs,
+            settings={n: f"{s['identical_to_batch_256']}/{s['jobs']}" for n, s in m.get("settings", {}).items()})
+
+
+def main() -> None:
+    args = parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    Path(args.work).mkdir(parents=True)
+    c = Check(args)
+    w = c.work
+    model, store = str(w / "model"), str(w / "store")
+    rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
+    c.report["environment"] = load(w / "lock.json").get("environment", {}) if (w / "lock.json").exists() else {}
+    c.check("env_lock", rc == 0)
+    rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
+    c.check("make_model", rc == 0, arch=args.arch)
+    corpus = make_corpus(w / "corpus", args.images)
+    njobs = write_jobs(corpus, w / "jobs.jsonl")
+    c.report["corpus"] = {"good": len(corpus.good), "bad": len(corpus.bad), "jobs": njobs}
+    common = ["--model", model, "--store", store, "--no-progress"]
+    encode_steps(c, common, corpus)
+
+    jobs = ["--jobs", str(w / "jobs.jsonl"), "--max-tokens", str(args.max_tokens)]
+    shared = [*common, "--gpu-memory-utilization", str(args.lane_memory)]
+    with ThreadPoolExecutor(3) as lanes:
+        done = [lanes.submit(lane, c, shared, jobs, njobs) for lane in (lane_decode, lane_verify, lane_matrix)]
+        for future in done:
+            future.result()
+    first_run, matrix = read_jsonl(w / "decode1.jsonl"), w / "batch_256.jsonl"
+    same = same_outputs(first_run, read_jsonl(matrix))
+    c.check("matrix_equals_decode", same == njobs, identical=same, jobs=njobs)
     print(f"gpu check: {'PASS' if c.report['ok'] else 'FAIL'}; wrote {c.out}")
     sys.exit(0 if c.report["ok"] else 1)
 

@@ -95,7 +95,10 @@ class Engine:
             kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
         kwargs.update(self.profile.engine_kwargs(self.gpu))
         if encoder_only:
+            # splitvlm sizes the tower's batches itself (--batch-patches), so vLLM's dummy run of
+            # the largest possible image, which only sizes a KV cache this engine does not have, is skipped.
             kwargs["mm_encoder_only"] = True
+            kwargs["skip_mm_profiling"] = True
         self.settings = {k: v for k, v in kwargs.items() if k not in ("hf_overrides",)}
         _starts += 1
         try:
@@ -206,6 +209,7 @@ class Engine:
             "enforce_eager": self.model_config.enforce_eager,
             "compilation_mode": getattr(comp, "mode", None),
             "cudagraph_mode": getattr(comp, "cudagraph_mode", None),
+            "custom_ops": ",".join(getattr(comp, "custom_ops", []) or []),
             "v2_model_runner": getattr(vc, "use_v2_model_runner", None),
             "attention_backend": getattr(getattr(vc, "attention_config", None), "backend", None),
             "enable_prefix_caching": cache.enable_prefix_caching,

@@ -25,6 +25,12 @@ class Profile:
         }
         if gpu:
             kwargs["attention_config"] = {"backend": "TRITON_ATTN"}
+            # vLLM picks its custom ops (quick_gelu, apply_rotary_emb, conv3d, mm_encoder_attn, ...)
+            # by compilation mode: native torch under torch.compile, CUDA kernels when eager. The
+            # tower is never compiled, so an eager encoder and a compiled decoder would compute it
+            # with different ops and different bits (seen on the H200: 0/264 embeddings equal).
+            # Pinning the choice makes the tower's bytes independent of eager vs compiled.
+            kwargs["compilation_config"] = {"custom_ops": ["none"]}
         return kwargs
 
     def env(self, gpu: bool) -> dict[str, str]:
