@@ -5,7 +5,7 @@ python -m benchmarks.gpu_check [--arch qwen2-vl-2b] [--device cuda] [--images 26
 
 Steps: env --lock; make-model; encode (good and bad inputs; exit 2 with exactly the bad ones
 listed), alone on the GPU so its wall time is clean; store check. Then three lanes run side by
-side, each engine with a third of the GPU's memory: (a) decode --cache (batch 256), decode --cache
+side, each engine with a fixed 16 GiB KV cache: (a) decode --cache (batch 256), decode --cache
 again (all from the cache, identical), a locked decode with --spot-check; (b) verify (every job
 and embedding); (c) the batch matrix (benchmarks.batch_matrix: batch 1, 8, 256, 1024 and
 shuffled, against batch 256, and batch 256 against lane a's decode). The JSON is rewritten
@@ -105,7 +105,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--spot-check", type=float, default=0.05)
     ap.add_argument("--sample", type=int, default=32, help="Jobs the batch matrix runs alone.")
-    ap.add_argument("--lane-memory", type=float, default=0.28, help="GPU memory share of each lane's engine.")
+    ap.add_argument("--lane-kv-bytes", type=int, default=16 << 30,
+                    help="KV cache of each lane's engine: fixed, since vLLM's free-memory sizing counts what the "
+                         "other lanes allocate while it measures.")
     ap.add_argument("--work", default="/tmp/splitvlm-gpu-check")
     ap.add_argument("--logs", help="Where each step's log goes (default WORK/logs).")
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
@@ -179,7 +181,7 @@ def lane_verify(c: Check, common: list[str], jobs: list[str], njobs: int) -> Non
 def lane_matrix(c: Check, _common: list[str], jobs: list[str], njobs: int) -> None:
     w = c.work
     rc = c.run("batch_matrix", ["--model", str(w / "model"), "--store", str(w / "store"), *jobs,
-                                "--sample", str(c.args.sample), "--gpu-memory-utilization", str(c.args.lane_memory),
+                                "--sample", str(c.args.sample), "--kv-cache-memory-bytes", str(c.args.lane_kv_bytes),
                                 "--save-outputs", str(w / "batch_256.jsonl"), "--out", str(w / "matrix.json")],
                module="benchmarks.batch_matrix")
     m = load(w / "matrix.json")
@@ -207,7 +209,7 @@ def main() -> None:
     encode_steps(c, common, corpus)
 
     jobs = ["--jobs", str(w / "jobs.jsonl"), "--max-tokens", str(args.max_tokens)]
-    shared = [*common, "--gpu-memory-utilization", str(args.lane_memory)]
+    shared = [*common, "--kv-cache-memory-bytes", str(args.lane_kv_bytes)]
     with ThreadPoolExecutor(3) as lanes:
         done = [lanes.submit(lane, c, shared, jobs, njobs) for lane in (lane_decode, lane_verify, lane_matrix)]
         for future in done:

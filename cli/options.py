@@ -20,6 +20,9 @@ def engine_options(f: Callable) -> Callable:
         click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
         click.option("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)."),
         click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share (default 0.3 CPU, 0.85 GPU)."),
+        click.option("--kv-cache-memory-bytes", type=click.IntRange(min=1), default=None,
+                     help="vLLM kv_cache_memory_bytes: a KV cache of this size instead of one sized from free memory "
+                          "(use it when engines share a GPU; --gpu-memory-utilization is then ignored)."),
         click.option("--enforce-eager/--cuda-graphs", default=None, help="Eager mode or CUDA graphs (default: eager on the CPU only)."),
         click.option("--lock", type=click.Path(dir_okay=False), default=None,
                      help="A lock file from `splitvlm env --lock`: refuse to run under another environment, "
@@ -38,6 +41,7 @@ def make_config(**kw) -> Config:
         model=kw["model"], store=kw["store"], profile=kw["profile"],
         min_pixels=kw["min_pixels"], max_pixels=kw["max_pixels"], dtype=kw["dtype"],
         max_model_len=kw["max_model_len"], gpu_memory_utilization=kw["gpu_memory_utilization"],
+        kv_cache_memory_bytes=kw["kv_cache_memory_bytes"],
         enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"], lock=kw["lock"],
         show_progress=not kw["no_progress"],
     )

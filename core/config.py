@@ -21,6 +21,7 @@ class Config:
     batch_jobs: int = 256  # jobs handed to vLLM per generate call (both paths of verify alike)
     max_images_per_prompt: int = 8
     gpu_memory_utilization: float | None = None  # None: 0.3 on the CPU, 0.85 on a GPU
+    kv_cache_memory_bytes: int | None = None  # a fixed KV cache instead of sizing it from free memory
     enforce_eager: bool | None = None  # None: eager on the CPU, CUDA graphs on a GPU
     seed: int = 0
     loader_threads: int = 4

@@ -73,7 +73,11 @@ class Engine:
         except ImportError as exc:
             raise SplitVLMError(f"vLLM is not installed ({exc}); run `make setup` or pip install 'splitvlm[gpu]'") from None
 
-        ModelRegistry.register_model(ARCH, "splitvlm.core.model:SplitQwen2VL")
+        from splitvlm.core.model import SplitQwen2VL
+
+        # The class itself, not "module:Class": vLLM inspects a class named by string in a fresh
+        # subprocess, which cost ~20 s of every engine start on the H200.
+        ModelRegistry.register_model(ARCH, SplitQwen2VL)
         if os.environ.get("SPLITVLM_INVARIANT_MATMUL") == "1":
             from splitvlm.core.invariance import enable_invariant_matmul
 
@@ -91,6 +95,8 @@ class Engine:
         )
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        if cfg.kv_cache_memory_bytes and not encoder_only:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
         if cfg.mm_processor_kwargs:
             kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
         kwargs.update(self.profile.engine_kwargs(self.gpu))
