@@ -111,7 +111,7 @@ class Engine:
             self.llm = LLM(**kwargs)
         except Exception as exc:
             mode = "encoder-only" if encoder_only else "full"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:500]
             hint = "; try --full-engine" if encoder_only else ""
             raise EngineStartError(
                 f"vLLM could not start the {mode} engine for {cfg.model} ({type(exc).__name__}: {reason}){hint}"

@@ -125,33 +125,49 @@ def test_resume_starts_no_engine(tiny_model, engine, corpus, tmp_path):
     assert stats.skipped == 3 and again._engine is None
 
 
-def test_encode_starts_vllm_once_whatever_the_inputs(tiny_model, engine, corpus, tmp_path):
-    """Good, bad and unpreprocessable inputs in one run: one engine start (encoder-only), never one per image."""
-    from splitvlm.core.engine import engine_starts
+COUNT_STARTS = """
+import json, sys
+from splitvlm.core.config import Config
+from splitvlm.core.engine import engine_starts
+from splitvlm.core.errors import EngineStartError
+from splitvlm.encoder import Encoder
+model, store, max_len, *inputs = sys.argv[1:]
+cfg = Config(model=model, store=store, max_model_len=int(max_len), show_progress=False, batch_patches=600)
+encoder = Encoder(cfg)
+try:
+    stats = encoder.encode(inputs)
+    out = {"encoded": stats.encoded, "failed": stats.failed, "eager": encoder.engine.settings["enforce_eager"],
+           "encoder_only": encoder.engine.encoder_only}
+except EngineStartError as exc:
+    out = {"error": str(exc)}
+print(json.dumps({**out, "starts": engine_starts()}))
+"""
 
+
+def count_starts(model: str, store, max_len: int, inputs: list[str]) -> dict:
+    """Encoder.encode in a fresh process (a second in-process vLLM engine would break the session's)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COUNT_STARTS, model, str(store), str(max_len), *inputs],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_encode_starts_vllm_once_whatever_the_inputs(tiny_model, corpus, tmp_path):
+    """Good, bad and unpreprocessable inputs in one run: one engine start (encoder-only, eager), never one per image."""
     root, good, bad_names = corpus
-    cfg = config(tiny_model, tmp_path / "store", batch_patches=600)
-    before = engine_starts()
-    encoder = Encoder(cfg)  # starts its own encoder-only engine
-    stats = encoder.encode([str(root / "imgs")])
-    assert engine_starts() - before == 1
-    assert encoder.engine.encoder_only and encoder.engine.settings["enforce_eager"] is True
-    assert stats.encoded == len(good) and stats.failed == len(bad_names)
+    out = count_starts(tiny_model, tmp_path / "store", 2048, [str(root / "imgs")])
+    assert out == {"encoded": len(good), "failed": len(bad_names), "eager": True, "encoder_only": True, "starts": 1}
 
 
 def test_engine_that_cannot_start_stops_the_run_once_and_keeps_the_store(tiny_model, engine, corpus, tmp_path):
-    from splitvlm.core.engine import engine_starts
-    from splitvlm.core.errors import EngineStartError
-
     _, good, _ = corpus
     cfg = config(tiny_model, tmp_path / "store")
     Encoder(cfg, engine=engine).encode(good[:2])
-    broken = cfg.replace(max_model_len=10**8)  # longer than the model's positions: vLLM refuses to start
-    before = engine_starts()
-    with pytest.raises(EngineStartError) as info:
-        Encoder(broken).encode(good[:12])
-    assert engine_starts() - before == 1
-    assert "\n" not in str(info.value) and "could not start" in str(info.value)
+    out = count_starts(tiny_model, cfg.store, 10**8, good[:12])  # longer than the model's positions: vLLM refuses
+    assert out["starts"] == 1 and "could not start" in out["error"] and "\n" not in out["error"]
     with EmbeddingStore(cfg.store) as store:
         assert len(store) == 2
 
@@ -166,6 +182,8 @@ def test_cli_engine_start_failure_is_one_line_and_exit_1(tiny_model, corpus, tmp
          "--max-model-len", str(10**8), "--no-progress", *good[:6]],
         capture_output=True, text=True, timeout=600,
     )
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: vLLM could not start"), proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: vLLM could not start"), proc.stderr
+    assert "max_model_len" in errors[0] or "max model len" in errors[0].lower(), errors[0]  # vLLM's reason, not a header
+    assert "skipped" not in proc.stderr
