@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from splitvlm.cli.options import engine_options, make_config
+from splitvlm.cli.options import check_writable, engine_options, make_config, output_file
 
 
 def end_to_end_runner(decoder):
@@ -30,13 +30,14 @@ def end_to_end_runner(decoder):
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"id", "images": [path-or-key], "prompt"} or {"id", "messages": [...]} per line.')
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL results, one line per job, in job order.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="JSONL results, one line per job, in job order ('-': standard output). Checked before any work.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--limit-images", type=int, default=8, show_default=True, help="Most images in one job.")
+@click.option("--limit-images", type=click.IntRange(min=1), default=8, show_default=True, help="Most images in one job.")
 @click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default="error", show_default=True,
               help="Images not in the store: stop before generating, encode them first, or skip those jobs.")
-@click.option("--batch-jobs", type=int, default=256, show_default=True, help="Jobs handed to vLLM at once.")
+@click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True, help="Jobs handed to vLLM at once.")
 @click.option("--cache", is_flag=True,
               help="Answer jobs decoded before (same embeddings, prompt, settings and versions) from the store's "
                    "result cache, and cache new results; exact profile only.")
@@ -60,19 +61,23 @@ def command(jobs_path, out, max_tokens, stop, limit_images, on_missing, batch_jo
 
     cfg = make_config(**kw).replace(max_tokens=max_tokens, stop=list(stop), max_images_per_prompt=limit_images,
                                     on_missing=on_missing, batch_jobs=batch_jobs, cache=cache)
+    check_writable(out, "--out")
+    if stats_json:
+        check_writable(stats_json, "--stats-json")
     decoder = Decoder(cfg)
     jobs = read_jobs(jobs_path)
     results = decoder.generate(jobs)
     report = None
     if spot_check > 0:
         report = run_spot_check(jobs, results, spot_check, seed, end_to_end_runner(decoder))
-    with open(out, "w", encoding="utf-8") as f:
+    with output_file(out) as f:
         for r in results:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    click.echo(decoder.stats.summary())
+    click.echo(decoder.stats.summary(), err=out == "-")
     if report is not None:
-        click.echo(report.summary())
-    click.echo(f"wrote {out}")
+        click.echo(report.summary(), err=out == "-")
+    if out != "-":
+        click.echo(f"wrote {out}")
     if stats_json:
         figures = {**decoder.stats.to_dict(), "engine": decoder.engine_settings()}
         if report is not None:

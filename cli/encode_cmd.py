@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from splitvlm.cli.options import engine_options, make_config
+from splitvlm.cli.options import check_writable, engine_options, make_config
 
 
 @click.command("encode")
 @engine_options
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
-@click.option("--batch-patches", type=int, default=16384, show_default=True, help="Vision tower budget per step, in patches.")
-@click.option("--loader-threads", type=int, default=4, show_default=True, help="Threads that read and preprocess images.")
+@click.option("--batch-patches", type=click.IntRange(min=1), default=16384, show_default=True, help="Vision tower budget per step, in patches.")
+@click.option("--loader-threads", type=click.IntRange(min=1), default=4, show_default=True, help="Threads that read and preprocess images.")
 @click.option("--full-engine", is_flag=True,
               help="Start vLLM with the language model and a KV cache too (default: the vision tower alone, "
                    "vLLM's mm_encoder_only mode).")
@@ -30,6 +30,9 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
     """
     from splitvlm.encoder import Encoder
 
+    for path, option in ((failures, "--failures"), (stats_json, "--stats-json")):
+        if path:
+            check_writable(path, option)
     cfg = make_config(**kw).replace(failures=failures, batch_patches=batch_patches,
                                     loader_threads=loader_threads, overwrite=overwrite,
                                     encoder_only=not full_engine)

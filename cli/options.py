@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 import click
 
 from splitvlm.core.config import Config
+
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def engine_options(f: Callable) -> Callable:
@@ -15,11 +21,12 @@ def engine_options(f: Callable) -> Callable:
         click.option("--store", required=True, type=click.Path(), help="The LMDB embedding store (a folder; made when missing)."),
         click.option("--profile", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
                      help="exact: settings under which split == end-to-end holds; fast: vLLM defaults."),
-        click.option("--min-pixels", type=int, default=None, help="Override the processor's min_pixels."),
-        click.option("--max-pixels", type=int, default=None, help="Override the processor's max_pixels."),
-        click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype."),
-        click.option("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)."),
-        click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share (default 0.3 CPU, 0.85 GPU)."),
+        click.option("--min-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's min_pixels."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's max_pixels."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True, help="Model dtype."),
+        click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="vLLM max_model_len (default: the model's)."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                     help="vLLM memory share (default 0.3 CPU, 0.85 GPU)."),
         click.option("--kv-cache-memory-bytes", type=click.IntRange(min=1), default=None,
                      help="vLLM kv_cache_memory_bytes: a KV cache of this size instead of one sized from free memory "
                           "(use it when engines share a GPU; --gpu-memory-utilization is then ignored)."),
@@ -37,6 +44,10 @@ def engine_options(f: Callable) -> Callable:
 
 
 def make_config(**kw) -> Config:
+    """The Config of the shared options; contradictory values are refused before any engine starts."""
+    if kw["min_pixels"] and kw["max_pixels"] and kw["min_pixels"] > kw["max_pixels"]:
+        raise click.BadParameter(f"--min-pixels {kw['min_pixels']} is larger than --max-pixels {kw['max_pixels']}",
+                                 param_hint="--min-pixels")
     return Config(
         model=kw["model"], store=kw["store"], profile=kw["profile"],
         min_pixels=kw["min_pixels"], max_pixels=kw["max_pixels"], dtype=kw["dtype"],
@@ -45,3 +56,28 @@ def make_config(**kw) -> Config:
         enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"], lock=kw["lock"],
         show_progress=not kw["no_progress"],
     )
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done ('-' is standard output)."""
+    if path == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a folder", param_hint=option)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"{path}: folder {folder} does not exist", param_hint=option)
+    target = path if os.path.exists(path) else folder
+    if not os.access(target, os.W_OK):
+        raise click.BadParameter(f"{path}: not writable", param_hint=option)
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[TextIO]:
+    """path opened for writing, or standard output for '-'."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        yield f

@@ -14,8 +14,11 @@ store_option = click.option(
 
 
 def _open(path: str, readonly: bool = True):
-    from splitvlm.store import EmbeddingStore
+    """The store, read-only unless asked: reading needs no write access to its folder or files."""
+    from splitvlm.store import EmbeddingStore, StoreError
 
+    if not readonly and not os.path.exists(os.path.join(path, "data.mdb")):  # rm makes no store
+        raise StoreError(f"{os.path.realpath(path)}: no store there")
     return EmbeddingStore(path, readonly=readonly)
 
 
@@ -56,6 +59,8 @@ def stats_cmd(store_path: str, as_json: bool) -> None:
     if stats["unreadable_headers"]:
         click.echo(f"unreadable headers: {stats['unreadable_headers']} (run `splitvlm store check`)")
     click.echo(f"{stats['results']} cached results")
+    if not stats["locked"]:
+        click.echo("note: read without LMDB's lock (lock.mdb not writable here); a concurrent writer could upset these counts", err=True)
 
 
 @command.command("ls")
@@ -80,7 +85,8 @@ def ls_cmd(store_path: str, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="... this dtype ...")
 @click.option("--merge-size", type=int, help="... and this spatial merge size (all three together).")
 def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge_size: int | None) -> None:
-    """Read and check every entry; print each bad one; exit 1 if any is bad."""
+    """Read and check every entry and every cached decode result; print each bad one; exit 1 if any is bad."""
+    from splitvlm.decoder.cache import check_results
     from splitvlm.store import Expect
 
     given = [v is not None for v in (hidden_size, dtype, merge_size)]
@@ -95,8 +101,12 @@ def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge
                 bad += 1
                 bar.clear()
                 click.echo(problem)
-    click.echo(f"{checked} entries checked, {bad} bad")
-    if bad:
+        results, bad_results = check_results(store)
+    for key in bad_results:
+        click.echo(f"cached result {key}: changed after it was written (checksum mismatch or unknown format); "
+                   "`store rm --results` clears the cache")
+    click.echo(f"{checked} entries checked, {bad} bad; {results} cached results checked, {len(bad_results)} bad")
+    if bad or bad_results:
         sys.exit(1)
 
 

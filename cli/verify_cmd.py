@@ -6,17 +6,17 @@ import sys
 
 import click
 
-from splitvlm.cli.options import engine_options, make_config
+from splitvlm.cli.options import check_writable, engine_options, make_config
 
 
 @click.command("verify")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False), help="JSONL jobs, as for decode.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default="encode", show_default=True,
               help="Images not in the store: stop, encode them first, or skip those jobs.")
-@click.option("--batch-jobs", type=int, default=256, show_default=True, help="Jobs handed to vLLM at once, in both paths.")
+@click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True, help="Jobs handed to vLLM at once, in both paths.")
 def command(jobs_path, report, max_tokens, on_missing, batch_jobs, **kw) -> None:
     """Run every job end to end (raw images) and from the store, in one engine with the
     same settings and batches, and compare token ids and text bytes job by job.
@@ -27,6 +27,8 @@ def command(jobs_path, report, max_tokens, on_missing, batch_jobs, **kw) -> None
     from splitvlm.decoder import read_jobs
     from splitvlm.verify import verify
 
+    if report:
+        check_writable(report, "--report")
     cfg = make_config(**kw).replace(max_tokens=max_tokens, on_missing=on_missing, batch_jobs=batch_jobs)
     result = verify(cfg, read_jobs(jobs_path), report_path=report)
     click.echo(result.table())

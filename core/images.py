@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from splitvlm.core.errors import SplitVLMError
 MAX_PIXELS = 100_000_000  # larger is treated as a decompression bomb
 MAX_ASPECT = 200  # Qwen2-VL refuses more extreme aspect ratios
 MIN_SIDE = 4
+STRIP_PIXELS = 1 << 20  # pixels per strip when converting: bounds the temporary copies
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # scaled to 8 bits by _to_8bit
 MAX_FILE_BYTES = 256 * 1024 * 1024  # no image file of a usable size is larger
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -58,13 +61,37 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
     return data
 
 
+def _strips(img: Image.Image) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes of whole rows, about STRIP_PIXELS each: conversions copy one strip at a time."""
+    w, h = img.size
+    step = max(1, STRIP_PIXELS // w)
+    return ((0, y, w, min(h, y + step)) for y in range(0, h, step))
+
+
+def u16_to_u8(a: np.ndarray) -> np.ndarray:
+    """16-bit values to 8 bits in integer math, equal to rint(a / 257) for all 65536 values."""
+    q = a.astype(np.uint32)
+    q += 128
+    q //= 257
+    return q.astype(np.uint8)
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
-        arr = arr / 257.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr / arr.max() * 255
-    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
-        arr = arr * 255.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    """16-bit, 32-bit and float grey to 8 bits strip by strip: no full-size float copy."""
+    out = np.empty((img.height, img.width), np.uint8)
+    if img.mode.startswith("I;16"):
+        for box in _strips(img):
+            out[box[1] : box[3]] = u16_to_u8(np.asarray(img.crop(box)))
+        return Image.fromarray(out)
+    top = float(np.max([np.asarray(img.crop(b)).max() for b in _strips(img)], initial=0))  # NaN stays NaN
+    for box in _strips(img):
+        f = np.asarray(img.crop(box)).astype(np.float64)
+        if top > 255:  # the same float64 formula as ever, a strip at a time
+            f = f / 257.0 if top <= 65535 else f / top * 255
+        elif img.mode == "F" and top <= 1.0:
+            f = f * 255.0
+        out[box[1] : box[3]] = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -87,26 +114,47 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise ImageError(f"{name}: not an image file") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: broken or truncated image ({exc})") from None
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{name}: {w}x{h} is too small (a side under {MIN_SIDE} px)")
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ImageError(f"{name}: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
+    if img.mode in DEEP_MODES:
+        img = _to_8bit(img)  # the deep image is dropped before the RGB copy is made
     return _to_rgb(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        img = _to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
+        return _over_white(img)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    """RGBA composited over opaque white, strip by strip: no full-size background or blend."""
+    out = Image.new("RGB", img.size)
+    for box in _strips(img):
+        strip = img.crop(box)
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+    return out
+
+
+def image_pixels(data: bytes) -> int:
+    """Pixels decode_image would decode, from the header only; 0 when it would refuse the bytes first."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+    except Exception:  # decode_image will refuse these bytes with its own message
+        return 0
+    return w * h if w * h <= MAX_PIXELS else 0
 
 
 def load_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:

@@ -27,7 +27,7 @@ from splitvlm.core.profiles import get_profile
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json
 
-FORMAT = "splitvlm.result/1"
+FORMAT = "splitvlm.result/2"  # /2: a checksum over every returned field
 ENV_FIELDS = ("splitvlm", "vllm", "torch", "transformers", "cuda", "device")
 RESULT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
 
@@ -118,21 +118,45 @@ class ResultCache:
             return 0
         made = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "environment": self.context["environment"], "profile": self.context["profile"]}
-        values = [(k.encode(), json.dumps({"format": FORMAT, **{f: r[f] for f in RESULT_FIELDS}, **made},
-                                          ensure_ascii=False).encode()) for k, r in items]
+        values = []
+        for k, r in items:
+            fields = {f: r[f] for f in RESULT_FIELDS}
+            value = {"format": FORMAT, **fields, "checksum": fields_checksum(fields), **made}
+            values.append((k.encode(), json.dumps(value, ensure_ascii=False).encode()))
         size = sum(len(v) + 256 for _, v in values)
         return self.store.write(lambda txn: sum(bool(txn.put(k, v, db=db)) for k, v in values), size_hint=size)
 
 
+def fields_checksum(fields: dict) -> str:
+    """sha256 over the canonical JSON of every field a cached result returns."""
+    return hashlib.sha256(canonical_json({f: fields[f] for f in RESULT_FIELDS}, "cached result")).hexdigest()
+
+
 def _checked(raw: bytes) -> dict | None:
+    """The fields of a stored result, or None when anything in it was changed (or it is of another format)."""
     try:
         value = json.loads(raw)
         fields = {f: value[f] for f in RESULT_FIELDS}
-    except (ValueError, KeyError, TypeError):
+        ok = (value.get("format") == FORMAT and value.get("checksum") == fields_checksum(fields)
+              and isinstance(fields["text"], str)
+              and hashlib.sha256(fields["text"].encode("utf-8")).hexdigest() == fields["sha256"])
+    except (ValueError, KeyError, TypeError, SplitVLMError):
         return None
-    ok = (value.get("format") == FORMAT and isinstance(fields["text"], str)
-          and hashlib.sha256(fields["text"].encode("utf-8")).hexdigest() == fields["sha256"])
     return fields if ok else None
+
+
+def check_results(store: EmbeddingStore) -> tuple[int, list[str]]:
+    """Every cached result read and checked: how many there are, and the keys of those that fail."""
+    db = store.results_db()
+    if db is None:
+        return 0, []
+    bad, n = [], 0
+    with store.read() as txn:
+        for key, raw in txn.cursor(db=db):
+            n += 1
+            if _checked(bytes(raw)) is None:
+                bad.append(bytes(key).decode("utf-8", "replace"))
+    return n, bad
 
 
 def count_results(store: EmbeddingStore) -> int:

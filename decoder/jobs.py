@@ -10,87 +10,142 @@ from pathlib import Path
 from splitvlm.core.errors import SplitVLMError
 
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+UPPER_KEY_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass
 class Job:
+    """One line of a jobs file. A line that breaks the schema is still a Job, with error set:
+    it fails on its own, and the other jobs run."""
+
     id: str
     images: list[str]  # paths or store keys, in prompt order
     messages: list[dict]  # chat messages with {"type": "image"} parts in place of the images
+    error: str | None = None
+
+
+class JobError(SplitVLMError):
+    """A job that breaks the schema (docs/jobs.md); the message names file:line."""
 
 
 def _image_ref(part: dict, where: str) -> str:
     if part.get("type") == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        if not isinstance(url, str):
-            raise SplitVLMError(f"{where}: image_url part without a url")
-        return url.removeprefix("file://")
+        if not isinstance(url, str) or not url:
+            raise JobError(f"{where}: image_url part without a url string")
+        return _checked_ref(url.removeprefix("file://"), where)
     ref = part.get("image") or part.get("path") or part.get("key")
-    if not isinstance(ref, str):
-        raise SplitVLMError(f"{where}: image part without a path or key")
+    if not isinstance(ref, str) or not ref:
+        raise JobError(f"{where}: image part without a path or key string")
+    return _checked_ref(ref, where)
+
+
+def _checked_ref(ref: str, where: str) -> str:
+    if UPPER_KEY_RE.match(ref) and not KEY_RE.match(ref) and not Path(ref).exists():
+        raise JobError(f"{where}: {ref[:16]}… looks like a store key, but keys are lowercase hex")
     return ref
 
 
-def _normalise_messages(messages: list, where: str) -> tuple[list[dict], list[str]]:
+def _normalise_messages(messages: object, where: str) -> tuple[list[dict], list[str]]:
+    if not isinstance(messages, list) or not messages:
+        raise JobError(f"{where}: \"messages\" must be a non-empty list")
     images: list[str] = []
     out = []
     for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
-            raise SplitVLMError(f"{where}: each message needs a role and content")
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise JobError(f"{where}: each message is an object with a \"role\" string and content")
         content = message.get("content", "")
         if isinstance(content, str):
             out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue
+        if not isinstance(content, list):
+            raise JobError(f"{where}: a message's content is a string or a list of parts")
         parts = []
         for part in content:
+            if not isinstance(part, dict):
+                raise JobError(f"{where}: a content part is an object with a \"type\", got {type(part).__name__}")
             if part.get("type") in ("image", "image_url"):
                 images.append(_image_ref(part, where))
                 parts.append({"type": "image"})
             elif part.get("type") == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
+                if not isinstance(part.get("text"), str):
+                    raise JobError(f"{where}: a text part needs a \"text\" string")
+                parts.append({"type": "text", "text": part["text"]})
             else:
-                raise SplitVLMError(f"{where}: unsupported content part type {part.get('type')!r}")
+                raise JobError(f"{where}: unsupported content part type {part.get('type')!r}")
         out.append({"role": message["role"], "content": parts})
     return out, images
 
 
-def parse_job(obj: dict, where: str) -> Job:
-    if not isinstance(obj, dict) or "id" not in obj:
-        raise SplitVLMError(f"{where}: a job is a JSON object with an \"id\"")
+def _job_id(obj: dict, where: str) -> str:
+    value = obj.get("id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise JobError(f"{where}: \"id\" must be a non-empty string or an integer, got {json.dumps(value)}")
+    return str(value)
+
+
+def parse_job(obj: object, where: str) -> Job:
+    """A Job from one decoded JSON line; JobError naming where on any schema break."""
+    if not isinstance(obj, dict):
+        raise JobError(f"{where}: a job is a JSON object")
+    job_id = _job_id(obj, where)
     if "messages" in obj:
         messages, images = _normalise_messages(obj["messages"], where)
     elif "prompt" in obj:
-        images = obj.get("images") or ([obj["image"]] if "image" in obj else [])
-        if not all(isinstance(i, str) for i in images):
-            raise SplitVLMError(f"{where}: \"images\" must be a list of paths or keys")
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": str(obj["prompt"])}]
+        if not isinstance(obj["prompt"], str):
+            raise JobError(f"{where}: \"prompt\" must be a string, got {json.dumps(obj['prompt'])[:40]}")
+        images = obj["images"] if "images" in obj else ([obj["image"]] if "image" in obj else [])
+        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            raise JobError(f"{where}: \"images\" must be a list of paths or keys (strings)")
+        images = [_checked_ref(i, where) for i in images]
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": obj["prompt"]}]
         messages = [{"role": "user", "content": content}]
     else:
-        raise SplitVLMError(f"{where}: a job needs \"prompt\" (with \"images\") or \"messages\"")
-    return Job(str(obj["id"]), list(images), messages)
+        raise JobError(f"{where}: a job needs \"prompt\" (with \"images\") or \"messages\"")
+    return Job(job_id, list(images), messages)
 
 
 def read_jobs(path: str) -> list[Job]:
-    """Jobs of a JSONL file; relative image paths are taken from the file's folder."""
+    """Jobs of a UTF-8 JSONL file, one per non-empty line; relative image paths are taken from the
+    file's folder. A line that breaks the schema becomes a Job with error set (its id is the job's
+    "id" where readable, else "line N")."""
     p = Path(path)
     if not p.is_file():
         raise SplitVLMError(f"{path}: no such jobs file")
+    try:
+        raw_lines = p.read_bytes().splitlines()
+    except OSError as exc:
+        raise SplitVLMError(f"{path}: cannot read ({exc.strerror or exc})") from None
     jobs, ids = [], set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
             continue
         where = f"{path}:{n}"
+        obj = None
         try:
-            job = parse_job(json.loads(line), where)
+            obj = json.loads(raw.decode("utf-8"))
+            job = parse_job(obj, where)
+            if job.id in ids:
+                raise JobError(f"{where}: duplicate job id {job.id!r}")
+        except UnicodeDecodeError as exc:
+            job = _failed(obj, n, f"{where}: not UTF-8 (byte {exc.start})")
         except json.JSONDecodeError as exc:
-            raise SplitVLMError(f"{where}: not JSON ({exc.msg})") from None
-        if job.id in ids:
-            raise SplitVLMError(f"{where}: duplicate job id {job.id!r}")
+            job = _failed(obj, n, f"{where}: not JSON ({exc.msg})")
+        except JobError as exc:
+            job = _failed(obj, n, str(exc))
+        if job.id in ids:  # the failed line of a duplicate, or a failed line whose id repeats
+            job.id = f"line {n}"
         ids.add(job.id)
         job.images = [ref if is_key(ref) or Path(ref).is_absolute() else str(p.parent / ref) for ref in job.images]
         jobs.append(job)
     return jobs
+
+
+def _failed(obj: object, n: int, error: str) -> Job:
+    job_id = obj.get("id") if isinstance(obj, dict) else None
+    ok = isinstance(job_id, (str, int)) and not isinstance(job_id, bool) and job_id != ""
+    return Job(str(job_id) if ok else f"line {n}", [], [], error=error)
 
 
 def is_key(ref: str) -> bool:

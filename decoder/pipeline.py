@@ -24,7 +24,7 @@ from splitvlm.decoder.cache import (
 )
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
 from splitvlm.encoder.keys import KeyMaker
-from splitvlm.store import EmbeddingStore, Entry, Expect, StoreError
+from splitvlm.store import EmbeddingStore, Entry, Expect
 from splitvlm.store.entry import check_tensors
 
 MISSING_POLICIES = ("error", "encode", "skip")
@@ -147,6 +147,8 @@ class Decoder:
         return self._tokenizer
 
     def job_keys(self, job: Job) -> tuple[list[str], str | None]:
+        if job.error is not None:
+            return [], job.error
         if len(job.images) > self.cfg.max_images_per_prompt:
             return [], (f"job {job.id}: {len(job.images)} images, more than the limit of "
                         f"{self.cfg.max_images_per_prompt} (--limit-images)")
@@ -191,6 +193,22 @@ class Decoder:
             if errors[i] is None and absent:
                 errors[i] = f"job {job.id}: not in the store: {', '.join(absent)}"
 
+    def _check_model(self, entry: Entry) -> None:
+        """An entry made from other vision weights than --model's (reachable by key) is refused."""
+        made = entry.meta.get("model_fingerprint")
+        if made and made != self.keys.fingerprint:
+            raise SplitVLMError(
+                f"{entry.key}: encoded by another model (vision weights {made[:12]}…, "
+                f"--model {self.cfg.model} has {self.keys.fingerprint[:12]}…); re-encode it with this model")
+
+    def _check_length(self, text: str, entries: Sequence[Entry]) -> None:
+        """The prompt with its images expanded must fit the model's context, or vLLM refuses the batch."""
+        limit = self.engine.model_config.max_model_len
+        n = len(prompt_token_ids(self.tokenizer, text)) + sum(e.n_tokens - 1 for e in entries)
+        if n > limit:
+            raise SplitVLMError(f"prompt of {n} tokens (images included) is longer than the context "
+                                f"of {limit} (--max-model-len)")
+
     def _check_fit(self, entries: Sequence[Entry]) -> None:
         """The entries' shapes and dtype against the engine's model (StoreError naming the key)."""
         expect = Expect(self.engine.hidden_size, self.engine.dtype, self.engine.merge_size)
@@ -208,7 +226,8 @@ class Decoder:
     def generate(self, jobs: list[Job]) -> list[Result]:
         t0 = time.perf_counter()
         results: list[Result] = []
-        with EmbeddingStore(self.cfg.store) as store:
+        writes = self.cfg.cache or self.cfg.on_missing == "encode"  # else a read-only store will do
+        with EmbeddingStore(self.cfg.store, readonly=not writes) as store:
             keys, errors = self.prepare(jobs, store)
             cache = ResultCache(store, self.cfg) if self.cfg.cache else None
             bar = tqdm(total=len(jobs), unit="job", desc="decode", disable=not self.cfg.show_progress, file=sys.stderr)
@@ -236,7 +255,8 @@ class Decoder:
                     entries = store.get_many(keys[i])
                     for entry in entries:
                         self.check_entry(entry.key, entry.meta)
-                except StoreError as exc:
+                        self._check_model(entry)
+                except SplitVLMError as exc:  # StoreError, or an entry of another model or environment
                     errors[i] = f"job {jobs[i].id}: {exc}"
                     continue
                 pending[i] = (build_prompt(self.tokenizer, jobs[i]), entries)
@@ -246,17 +266,25 @@ class Decoder:
         for i, (text, entries) in pending.items():
             try:
                 self._check_fit(entries)
-            except StoreError as exc:
+                self._check_length(text, entries)
+            except SplitVLMError as exc:
                 errors[i] = f"job {jobs[i].id}: {exc}"
                 continue
             prompts.append(vllm_prompt(text, embeds_input(entries)))
             slots.append(i)
         if prompts:
             params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)
-            for i, output in zip(slots, self.engine.generate(prompts, params), strict=True):
+            try:
+                outputs = self.engine.generate(prompts, params)
+            except Exception as exc:  # vLLM refused the batch: its jobs fail, the other batches run
+                reason = " ".join(str(exc).split())[:300]
+                for i in slots:
+                    errors[i] = f"job {jobs[i].id}: vLLM refused its batch ({type(exc).__name__}: {reason})"
+                slots, outputs = [], []
+            for i, output in zip(slots, outputs, strict=True):
                 done[i] = result_from_output(jobs[i], output, keys[i])
                 done[i].cached = None if cache is None else False
-            if cache is not None:
+            if cache is not None and slots:
                 cache.put_many([(lookups[i], done[i].cache_fields()) for i in slots])
         for i in chunk:
             if i not in done:

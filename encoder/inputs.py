@@ -43,7 +43,10 @@ def _from_folder(path: Path) -> Iterator[str]:
 
 
 def expand_inputs(specs: Iterable[str]) -> list[str]:
-    """Image paths in a stable order, each once; a missing file stays in to be reported as a failure."""
+    """Image paths in a stable order, each once; a missing file stays in to be reported as a failure.
+
+    A glob that matches nothing, or a folder or list with no images, is a mistake in the command,
+    not a bad image: SplitVLMError naming it, before any store is made or engine started."""
     seen: dict[str, None] = {}
     for spec in specs:
         path = Path(spec)
@@ -57,6 +60,11 @@ def expand_inputs(specs: Iterable[str]) -> list[str]:
             found = _from_folder(path)
         else:
             found = iter([spec])
+        n = 0
         for p in found:
+            n += 1
             seen.setdefault(p, None)
+        if n == 0:
+            what = "glob" if _is_glob(spec) and not path.exists() else "input"
+            raise SplitVLMError(f"{spec}: {what} names no image files")
     return list(seen)

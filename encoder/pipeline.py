@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -16,11 +17,35 @@ from tqdm import tqdm
 
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError
-from splitvlm.core.images import decode_image, read_image_bytes
+from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
 from splitvlm.core.lock import check_lock
 from splitvlm.encoder.inputs import expand_inputs
 from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore, Entry
+
+PIXEL_BUDGET = 150_000_000  # decoded pixels in flight across all loader threads at once
+
+
+class PixelBudget:
+    """At most `limit` decoded pixels held at once; an image over the whole limit is held alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Wait until `pixels` fit beside those held (or nothing is held), and hold them for the block."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.limit)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
 
 
 @dataclass
@@ -106,7 +131,7 @@ class _Writer:
 class Encoder:
     """Pre-encode images into the store with vLLM's own Qwen2-VL vision tower."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg: Config, engine=None, pixel_budget: int = PIXEL_BUDGET):
         if not cfg.store:
             raise SplitVLMError("no store given (--store PATH)")
         if cfg.lock:
@@ -117,6 +142,7 @@ class Encoder:
         self._engine_error: EngineStartError | None = None
         self.engine_start_s: float | None = None
         self._engine_lock = threading.Lock()
+        self.pixels = PixelBudget(pixel_budget)  # bounds the loader threads' decoded images
 
     @property
     def engine(self):
@@ -151,7 +177,9 @@ class Encoder:
             key = self.keys(data)
             if not self.cfg.overwrite and key in store:
                 return "stored", path, key
-            pixel_values, grid = self.engine.preprocess(decode_image(data, path))
+            engine = self.engine  # started (if need be) before any pixels are held
+            with self.pixels.hold(image_pixels(data)):  # decoded once, at full size, within the budget
+                pixel_values, grid = engine.preprocess(decode_image(data, path))
             return Prepared(path, key, pixel_values, grid)
         except EngineStartError:
             raise  # not this image's fault: the run stops

@@ -105,6 +105,7 @@ def encode_entry(entry: Entry) -> Blob:
     thw = grid[0].tolist()
     if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
         raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
+    check_finite(key, embeds)
     meta = {name: "" for name in CALLER_FIELDS}
     for name, value in entry.meta.items():
         if not isinstance(name, str) or not isinstance(value, (str, type(None))):
@@ -170,8 +171,15 @@ def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect |
     return Entry(key, embeds, grid, meta)
 
 
+def check_finite(key: str, embeds: torch.Tensor) -> None:
+    """NaN or Inf in an embedding: a broken tower or a forged entry with a valid checksum, never data."""
+    if not bool(torch.isfinite(embeds).all()):
+        bad = int((~torch.isfinite(embeds)).sum())
+        raise StoreError(f"{key}: image_embeds holds {bad} NaN or Inf value(s)")
+
+
 def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict, expect: Expect | None) -> None:
-    """Shape, dtype and hidden size, against the entry's own metadata and the caller's model."""
+    """Shape, dtype, hidden size and finite values, against the entry's own metadata and the caller's model."""
     if grid.dtype != torch.int64 or list(grid.shape) != [1, 3]:
         raise StoreError(f"{key}: image_grid_thw is {dtype_name(grid.dtype)} {list(grid.shape)}, expected int64 [1, 3]")
     if embeds.dim() != 2 or embeds.dtype not in DTYPE_NAMES:
@@ -182,6 +190,7 @@ def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict
             f"{key}: tensor is {dtype} with hidden size {hidden}, metadata says "
             f"{meta.get('dtype')} with {meta.get('hidden_size')}"
         )
+    check_finite(key, embeds)
     if expect is None:
         if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
             raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")

@@ -3,12 +3,14 @@
 LMDB forbids opening one environment twice in a process (its locks belong to the process),
 and its map may only be resized while this process has no transaction open. SharedEnv
 counts open transactions so a resize waits for them, grows the map when a write finds it
-full, and adopts a map that another process grew.
+full, and adopts a map that another process grew. A read-only open never creates a file, and
+falls back to LMDB without its lock file where it may not write that file (see open_env).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +27,8 @@ MAX_READERS = 1024
 DEFAULT_MAP_SIZE = 1 << 30
 DISK_RESERVE = 64 << 20
 MIB = 1 << 20
+LOCK_FILE = "lock.mdb"
+NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}  # why a lock file cannot be opened for writing
 T = TypeVar("T")
 
 _registry: dict[str, SharedEnv] = {}
@@ -38,6 +42,46 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _reason(exc: lmdb.Error) -> str:
+    """What went wrong, without the path lmdb puts in front (our messages name it already)."""
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) and reason else _one_line(exc)
+
+
+def _writable(path: str) -> bool:
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK, effective_ids=effective)
+
+
+def open_env(path: str, readonly: bool, map_size: int) -> tuple[lmdb.Environment, bool]:
+    """The LMDB environment of the store at path, and whether it uses LMDB's lock file.
+
+    Writers always lock. Readers lock too where they can: their slot in lock.mdb stops a writer in
+    another process from reusing the pages they read. Where a reader may not write lock.mdb (a store
+    owned by another user, a read-only mount) or lock.mdb is absent (LMDB would create it, and a
+    read-only open creates no file), it opens with lock=False instead. That is safe while no one
+    writes the store, the usual case for such stores: LMDB pages are only ever rewritten by a
+    writer. The risk is a writer elsewhere during the read: nothing coordinates it with this
+    reader, whose pages it may reuse, so reads may fail (get and check catch damaged values by
+    their checksums; ls and stats may show torn headers; LMDB may report corruption). Such errors
+    go away when the read is run again after the writer is done; the store itself is unharmed.
+    """
+    options = dict(
+        map_size=map_size, subdir=True, readonly=readonly, max_dbs=MAX_DBS, max_readers=MAX_READERS,
+        create=not readonly,
+        writemap=not readonly,  # puts copy straight into the file's pages: about 1.5x faster
+    )
+    lock_file = os.path.join(path, LOCK_FILE)
+    if readonly and not (os.path.exists(lock_file) and _writable(lock_file)):
+        return lmdb.open(path, lock=False, **options), False
+    try:
+        return lmdb.open(path, lock=True, **options), True
+    except lmdb.Error as exc:  # the lock file refused us after all (NFS root squashing, say)
+        if not readonly or getattr(exc, "code", None) not in NO_WRITE:
+            raise
+    return lmdb.open(path, lock=False, **options), False
+
+
 class SharedEnv:
     def __init__(self, path: str, readonly: bool, map_size: int):
         self.path = path
@@ -49,13 +93,10 @@ class SharedEnv:
         self._active = 0  # transactions open in this process
         self._resizing = False
         try:
-            self.env = lmdb.open(
-                path, map_size=map_size, subdir=True, readonly=readonly, lock=True,
-                max_dbs=MAX_DBS, max_readers=MAX_READERS, create=not readonly,
-                writemap=not readonly,  # puts copy straight into the file's pages: about 1.5x faster
-            )
+            self.env, self.locked = open_env(path, readonly, map_size)
         except lmdb.Error as exc:
-            raise StoreError(f"{path}: cannot open the store ({_one_line(exc)})") from None
+            how = "" if readonly else " for writing"
+            raise StoreError(f"{path}: cannot open the store{how} ({_reason(exc)})") from None
         try:
             if not readonly:
                 self.env.reader_check()  # free reader slots of processes that died
@@ -168,8 +209,13 @@ def acquire(path: str | os.PathLike, readonly: bool, map_size: int = DEFAULT_MAP
     """The process's environment for path, opened on first use; release() it when done."""
     global _registry_pid, _inherited
     path = os.path.realpath(os.fspath(path))
-    if readonly and not os.path.exists(os.path.join(path, "data.mdb")):
-        raise StoreError(f"{path}: no store there")
+    if readonly:
+        try:
+            os.stat(os.path.join(path, "data.mdb"))
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreError(f"{path}: no store there") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read the store ({exc.strerror or exc})") from None
     if not readonly:
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"{path}: is a file, a store is a folder")

@@ -23,7 +23,8 @@ class EmbeddingStore:
 
     Keys come from make_key; values are safetensors blobs (see docs/store-format.md).
     Any number of processes may read while one writes; every store object of one
-    process and path shares one LMDB environment.
+    process and path shares one LMDB environment. readonly=True creates and writes no file,
+    and works on stores this process may not write (see env.open_env for the one risk).
     """
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False, *, map_size: int = shared_env.DEFAULT_MAP_SIZE):

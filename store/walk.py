@@ -89,4 +89,5 @@ def stats(store: EmbeddingStore, progress: Progress) -> dict:
         "hidden_sizes": dict(counts["hidden_size"]),
         "unreadable_headers": unreadable,
         "results": n_results,
+        "locked": store.shared.locked,  # False: read without lock.mdb (see env.open_env)
     }

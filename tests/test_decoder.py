@@ -130,9 +130,9 @@ def test_entries_from_another_vllm_or_device_are_refused(store, engine, images, 
         meta = {**entry.meta, "vllm_version": "0.26.0", "device": "NVIDIA H200"}
         s.put(Entry(key, entry.image_embeds.clone(), entry.image_grid_thw.clone(), meta), overwrite=True)
     jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "images": [images[0]], "prompt": "Hi."}]))
-    with pytest.raises(SplitVLMError) as err:
-        Decoder(store, engine=engine).generate(jobs)
-    assert key in str(err.value) and "vLLM 0.26.0 on NVIDIA H200" in str(err.value) and "\n" not in str(err.value)
+    (refused,) = Decoder(store, engine=engine).generate(jobs)  # that job's error, not the run's
+    assert key in refused.error and "vLLM 0.26.0 on NVIDIA H200" in refused.error and "\n" not in refused.error
+    assert not refused.token_ids
     assert Decoder(store.replace(allow_mismatch=True), engine=engine).generate(jobs)[0].error is None
 
 

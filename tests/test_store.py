@@ -110,16 +110,26 @@ def test_key_refuses_what_it_cannot_hash_stably(bad):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_round_trip_is_bit_exact(store, dtype):
     e = entry(1, dtype, n_tokens=64, hidden=96)
-    e.image_embeds[0, :5] = torch.tensor([float("inf"), -0.0, float("-inf"), 1e-8, float("nan")]).to(dtype)
+    info = torch.finfo(dtype)
+    e.image_embeds[0, :5] = torch.tensor([info.max, -0.0, -info.max, 1e-8, info.smallest_normal / 2]).to(dtype)
     assert store.put_many([e]) == 1
     got = store.get(e.key, Expect(hidden_size=96, dtype=dtype, merge_size=2))
     assert got.image_embeds.dtype == dtype and torch.equal(got.image_embeds[1:], e.image_embeds[1:])
     bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
-    assert torch.equal(got.image_embeds.view(bits), e.image_embeds.view(bits))  # row 0: -0.0, inf, NaN
+    assert torch.equal(got.image_embeds.view(bits), e.image_embeds.view(bits))  # row 0: -0.0, extremes, subnormal
     assert got.image_grid_thw.dtype == torch.int64 and got.image_grid_thw.tolist() == [[1, 4, 64]]
     assert got.meta["dtype"] == str(dtype).removeprefix("torch.") and got.meta["hidden_size"] == "96"
     assert got.meta["source"] == "img/1.png" and got.meta["vllm_version"] == "" and got.meta["created"].endswith("Z")
     assert len(got.meta["checksum"]) == 64
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_embeddings_are_refused(store, value):
+    e = entry(3, torch.bfloat16, n_tokens=64, hidden=96)
+    e.image_embeds[5, 7] = value
+    with pytest.raises(StoreError, match=f"{e.key}: image_embeds holds 1 NaN or Inf"):
+        store.put_many([e])
+    assert e.key not in store
 
 
 def test_blobs_are_plain_safetensors_both_ways(store, tmp_path):

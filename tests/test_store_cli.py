@@ -55,9 +55,9 @@ def test_ls(path):
 
 def test_check_good_store_and_against_a_model(path):
     result = run("check", "--store", path)
-    assert result.exit_code == 0 and result.output.strip() == "3 entries checked, 0 bad"
+    assert result.exit_code == 0 and result.output.strip() == "3 entries checked, 0 bad; 0 cached results checked, 0 bad"
     result = run("check", "--store", path, "--hidden-size", "8", "--dtype", "bfloat16", "--merge-size", "2")
-    assert result.exit_code == 1 and result.output.strip().endswith("3 entries checked, 1 bad")
+    assert result.exit_code == 1 and result.output.strip().endswith("3 entries checked, 1 bad; 0 cached results checked, 0 bad")
     assert "dtype float16, model needs bfloat16" in result.output
     assert run("check", "--store", path, "--dtype", "bfloat16").exit_code == 2  # the three go together
 

@@ -101,7 +101,7 @@ def test_writer_killed_inside_put_many_leaves_all_or_none(tmp_path):
         writer.kill()
         writer.wait()
     result = CliRunner().invoke(store_cli, ["check", "--store", str(path)])
-    assert result.exit_code == 0 and f"{BATCH} entries checked, 0 bad" in result.output
+    assert result.exit_code == 0 and f"{BATCH} entries checked, 0 bad;" in result.output
     with EmbeddingStore(path) as store:  # a new writer gets the lock the dead one held
         assert store.missing(keys_of(0)) == [] and store.missing(keys_of(1)) == keys_of(1)
         assert len(store) == BATCH
@@ -142,4 +142,4 @@ def test_cli_check_names_each_flipped_byte_and_exits_1(tmp_path):
     problems = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines()[:-1])
     assert problems.keys() == {tensor_bad, meta_bad}
     assert problems[tensor_bad].startswith("checksum mismatch") and problems[meta_bad].startswith("metadata checksum mismatch")
-    assert out.stdout.strip().splitlines()[-1] == "3 entries checked, 2 bad"
+    assert out.stdout.strip().splitlines()[-1] == "3 entries checked, 2 bad; 0 cached results checked, 0 bad"
