@@ -75,7 +75,7 @@ def make_entries(n: int, n_tokens: int, hidden: int, seed: int) -> list[Entry]:
     base = torch.randn(n_tokens, hidden, generator=gen).to(torch.bfloat16)
     entries = []
     for i in range(n):
-        key = make_key(f"{seed}-{i}".encode(), model_id="bench", model_fingerprint="0", preprocess={}, profile="exact")
+        key = make_key(f"{seed}-{i}".encode(), model_fingerprint="0", preprocess={}, profile="exact", dtype="bfloat16")
         embeds = base.clone()
         embeds[0, 0] = i  # every entry distinct, without paying for n random tensors
         entries.append(Entry(key, embeds, grid, {"model_id": "bench", "source": f"bench/{i}.png"}))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from typing import TextIO
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config, output_file
+from splitvlm.cli.options import check_writable, engine_options, make_config
 
 
 def end_to_end_runner(decoder):
@@ -15,8 +17,12 @@ def end_to_end_runner(decoder):
     from splitvlm.store import EmbeddingStore
     from splitvlm.verify.verifier import Report, Verifier
 
+    verifiers: list[Verifier] = []  # made once, on the first call (it reads the model's fingerprint)
+
     def run(jobs, keys):
-        verifier, report = Verifier(decoder.cfg, engine=decoder.engine), Report()
+        if not verifiers:
+            verifiers.append(Verifier(decoder.cfg, engine=decoder.engine))
+        verifier, report = verifiers[0], Report()
         with EmbeddingStore(decoder.cfg.store, readonly=True) as store:
             results = verifier.end_to_end(jobs, keys, [None] * len(jobs), store)
             ran = [n for n, r in enumerate(results) if r.error is None]
@@ -26,53 +32,109 @@ def end_to_end_runner(decoder):
     return run
 
 
+def finished_lines(path: str) -> tuple[set[str], int]:
+    """Ids and failures of the complete result lines of an earlier --out; a torn last line is cut off the file."""
+    if not os.path.exists(path):
+        return set(), 0
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # after it: the line a killed run was writing
+    ids, failed = set(), 0
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            result = json.loads(line)
+            ids.add(result["id"])
+            if "text" not in result:  # a job line, say: not a result
+                raise KeyError("text")
+        except (ValueError, TypeError, KeyError):
+            raise click.ClickException(f"{path}:{n}: not a decode result line; cannot --resume into it") from None
+        failed += result.get("error") is not None
+    if end < len(data):
+        os.truncate(path, end)
+    return ids, failed
+
+
 @click.command("decode")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"id", "images": [path-or-key], "prompt"} or {"id", "messages": [...]} per line.')
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="JSONL results, one line per job, in job order ('-': standard output). Checked before any work.")
+              help="JSONL results, one line per job, in job order, appended batch by batch ('-': standard output). "
+                   "Checked before any work.")
+@click.option("--resume", is_flag=True,
+              help="Keep the complete lines already in --out, skip their job ids and append the other jobs.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--limit-images", type=click.IntRange(min=1), default=8, show_default=True, help="Most images in one job.")
 @click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default="error", show_default=True,
               help="Images not in the store: stop before generating, encode them first, or skip those jobs.")
-@click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True, help="Jobs handed to vLLM at once.")
+@click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Jobs handed to vLLM at once; their lines are written when the batch is done.")
 @click.option("--cache", is_flag=True,
               help="Answer jobs decoded before (same embeddings, prompt, settings and versions) from the store's "
                    "result cache, and cache new results; exact profile only.")
 @click.option("--spot-check", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              help="Share of the jobs to also run end to end (raw images) and compare byte for byte.")
+              help="Share of the jobs to also run end to end (raw images) and compare byte for byte, batch by batch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which jobs the spot check picks.")
 @click.option("--stats-json", type=click.Path(dir_okay=False),
               help="Write the run's figures (and the engine's settings as vLLM reported them) as JSON.")
-def command(jobs_path, out, max_tokens, stop, limit_images, on_missing, batch_jobs, cache, spot_check, seed,
+def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, batch_jobs, cache, spot_check, seed,
             stats_json, **kw) -> None:
     """Decode jobs from stored embeddings with greedy sampling in vLLM.
 
-    Each output line holds id, text, token_ids, finish_reason, sha256 of the text,
-    prompt_tokens and the store keys used; with --cache also "cached", with --spot-check
-    "spot_checked" and "spot_check_identical" on the jobs checked: identical when the tokens and
-    text bytes are the end-to-end ones and each stored embedding used is bit for bit a fresh
-    encode. Exit status 3 when a spot check found a mismatch, else 2 when any job failed.
+    Every output line holds every field (docs/jobs.md, "Output"): id, text, token_ids,
+    finish_reason, sha256 of the text, prompt_tokens, keys, error, cached, spot_checked,
+    spot_check_identical, spot_check_error; null where one does not apply. Lines are appended
+    and flushed as each batch finishes, so a killed run loses at most the batch in flight, and
+    --resume carries on where it stopped. A spot check runs on each batch before its lines are
+    written. Exit status 0 when every job is decoded, 3 when some failed, 4 when a spot check
+    found a mismatch.
     """
     from splitvlm.decoder import Decoder, read_jobs
+    from splitvlm.decoder.spot_check import SpotCheckReport
     from splitvlm.decoder.spot_check import spot_check as run_spot_check
 
-    cfg = make_config(**kw).replace(max_tokens=max_tokens, stop=list(stop), max_images_per_prompt=limit_images,
-                                    on_missing=on_missing, batch_jobs=batch_jobs, cache=cache)
+    cfg = make_config(**kw)
+    cfg = cfg.replace(max_tokens=max_tokens, stop=list(stop), max_images_per_prompt=limit_images,
+                      on_missing=on_missing, batch_jobs=batch_jobs, cache=cache,
+                      show_progress=cfg.show_progress and sys.stderr.isatty())  # no bars in logs
+    if resume and out == "-":
+        raise click.BadParameter("--resume needs a file, not standard output", param_hint="--out")
     check_writable(out, "--out")
     if stats_json:
         check_writable(stats_json, "--stats-json")
     decoder = Decoder(cfg)
     jobs = read_jobs(jobs_path)
-    results = decoder.generate(jobs)
-    report = None
-    if spot_check > 0:
-        report = run_spot_check(jobs, results, spot_check, seed, end_to_end_runner(decoder))
-    with output_file(out) as f:
-        for r in results:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    done, failed_before = finished_lines(out) if resume else (set(), 0)
+    todo = [job for job in jobs if job.id not in done]
+    if resume:
+        click.echo(f"resuming: {len(jobs) - len(todo)} jobs already in {out} ({failed_before} failed), "
+                   f"{len(todo)} to decode", err=True)
+    report = SpotCheckReport(spot_check, seed) if spot_check > 0 else None
+    runner = end_to_end_runner(decoder) if report is not None else None
+    f: TextIO | None = sys.stdout if out == "-" else None
+    mode = "a" if resume else "w"
+    try:
+        position = 0
+        for results in decoder.generate_iter(todo) if todo else ():
+            if report is not None:
+                part = run_spot_check(todo[position:position + len(results)], results, spot_check, seed, runner)
+                report.checked += part.checked
+                report.mismatches.update(part.mismatches)
+                report.errors.update(part.errors)
+                for r in results:
+                    if r.error is None and r.spot_checked is None:
+                        r.spot_checked = False
+            position += len(results)
+            if f is None:  # opened at the first batch: a run refused before any result leaves --out as it was
+                f = open(out, mode, encoding="utf-8")
+            f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results))
+            f.flush()
+        if f is None:
+            f = open(out, mode, encoding="utf-8")
+    finally:
+        if f is not None and f is not sys.stdout:
+            f.close()
     click.echo(decoder.stats.summary(), err=out == "-")
     if report is not None:
         click.echo(report.summary(), err=out == "-")
@@ -80,11 +142,13 @@ def command(jobs_path, out, max_tokens, stop, limit_images, on_missing, batch_jo
         click.echo(f"wrote {out}")
     if stats_json:
         figures = {**decoder.stats.to_dict(), "engine": decoder.engine_settings()}
+        if resume:
+            figures["resumed"] = {"jobs": len(jobs) - len(todo), "failed": failed_before}
         if report is not None:
             figures["spot_check"] = report.to_json()
-        with open(stats_json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
+        with open(stats_json, "w", encoding="utf-8") as fj:
+            json.dump(figures, fj, indent=2)
     if report is not None and report.mismatches:
-        sys.exit(3)
-    if decoder.stats.failed or (report is not None and report.errors):
-        sys.exit(2)
+        sys.exit(4)  # a mismatch found
+    if decoder.stats.failed or failed_before or (report is not None and report.errors):
+        sys.exit(3)  # some jobs failed, the rest done

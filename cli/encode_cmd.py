@@ -26,7 +26,7 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
 
     INPUTS are image files, folders (recursive), globs, .txt lists of paths or .jsonl files
     with an "image" field. Images already stored are skipped. Bad inputs are reported one
-    line each and the run goes on. Exit status 0 when every input is stored, 2 when some failed.
+    line each and the run goes on. Exit status 0 when every input is stored, 3 when some failed.
     """
     from splitvlm.encoder import Encoder
 
@@ -42,4 +42,4 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
         with open(stats_json, "w", encoding="utf-8") as f:
             json.dump(stats.to_dict(), f, indent=2)
     if stats.failed:
-        sys.exit(2)
+        sys.exit(3)  # some inputs failed, the rest stored

@@ -26,15 +26,35 @@ def cli(ctx: click.Context, debug: bool) -> None:
       splitvlm encode --model models/tiny --store S images/
       splitvlm decode --model models/tiny --store S --jobs jobs.jsonl --out out.jsonl
       splitvlm verify --model models/tiny --store S --jobs jobs.jsonl
+
+    \b
+    Exit status:
+      0  all done
+      1  error: the run could not do what was asked (one `error:` line)
+      2  usage error: a bad option or argument, refused before any work
+      3  some inputs or jobs failed, the rest were done
+      4  a mismatch found: verify not identical, or a decode spot check differs
+
+    --debug (before or after the command) shows full tracebacks.
     """
     ctx.obj = {"debug": debug}
 
 
+def accept_debug(command: click.Command) -> None:
+    """Let --debug follow the command too (main() reads it from the arguments)."""
+    command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                       help="Show full tracebacks instead of one-line errors."))
+    for sub in getattr(command, "commands", {}).values():
+        accept_debug(sub)
+
+
 for module in (encode_cmd, decode_cmd, verify_cmd, store_cmd, demo_cmd, model_cmd, env_cmd):
+    accept_debug(module.command)
     cli.add_command(module.command)
 
 
 def main() -> None:
+    """Run the command line; exit status as in `splitvlm --help`."""
     debug = "--debug" in sys.argv[1:]
     if not debug:  # library chatter would bury splitvlm's own lines
         warnings.filterwarnings("ignore")
@@ -60,7 +80,8 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted; what was stored so far is kept (a rerun resumes)", err=True)
+        click.echo("interrupted; what was stored or written so far is kept (encode reruns resume; decode with --resume)",
+                   err=True)
         sys.exit(130)
     except Exception as exc:  # from vLLM, torch or the OS: one line, the traceback with --debug
         if debug:

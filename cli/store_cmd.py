@@ -1,4 +1,4 @@
-"""`splitvlm store`: inspect and maintain an embedding store (stats, ls, check, get, rm)."""
+"""`splitvlm store`: inspect and maintain an embedding store (stats, ls, check, get, rm, compact, merge)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge
     """Read and check every entry and every cached decode result; print each bad one; exit 1 if any is bad."""
     from splitvlm.decoder.cache import check_results
     from splitvlm.store import Expect
+    from splitvlm.store.walk import old_keys
 
     given = [v is not None for v in (hidden_size, dtype, merge_size)]
     if any(given) and not all(given):
@@ -102,12 +103,37 @@ def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge
                 bar.clear()
                 click.echo(problem)
         results, bad_results = check_results(store)
+        old = old_keys(store)
     for key in bad_results:
         click.echo(f"cached result {key}: changed after it was written (checksum mismatch or unknown format); "
                    "`store rm --results` clears the cache")
+    if old:
+        click.echo(f"{old} entries have keys of an older version, which this splitvlm never finds: run "
+                   f"`splitvlm store rekey --model MODEL --store {store_path}` to move them")
     click.echo(f"{checked} entries checked, {bad} bad; {results} cached results checked, {len(bad_results)} bad")
-    if bad or bad_results:
+    if bad or bad_results or old:
         sys.exit(1)
+
+
+@command.command("rekey")
+@click.option("--model", required=True, help="The model the entries were encoded with (any copy of it).")
+@store_option
+@click.option("--profile", type=click.Choice(["exact", "fast"]), default="exact", show_default=True)
+@click.option("--min-pixels", type=click.IntRange(min=1), default=None, help="As given to encode, if it was.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="As given to encode, if it was.")
+def rekey_cmd(model: str, store_path: str, profile: str, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Move entries made under older keys (splitvlm 0.1 put the model's path in the key) to this
+    version's keys. Each entry's source file is re-read and must still give its old key; an entry
+    whose source is gone or changed is named and left as it is. Resumable."""
+    from splitvlm.core.config import Config
+    from splitvlm.encoder.rekey import rekey
+
+    stats = rekey(Config(model=model, store=store_path, profile=profile, min_pixels=min_pixels, max_pixels=max_pixels))
+    for line in stats.failed:
+        click.echo(line, err=True)
+    click.echo(stats.summary())
+    if stats.failed:
+        sys.exit(3)
 
 
 @command.command("get")
@@ -153,3 +179,54 @@ def rm_cmd(store_path: str, keys: tuple[str, ...], clear_results: bool) -> None:
         click.echo(f"removed {cleared} cached results")
     if absent:
         sys.exit(1)
+
+
+@command.command("compact")
+@store_option
+@click.option("--into", type=click.Path(file_okay=False), help="Write the compacted copy to this new folder; the store stays as it is.")
+def compact_cmd(store_path: str, into: str | None) -> None:
+    """Give the space of removed entries back to the disk (LMDB's compacting copy).
+
+    In place, the copy replaces the store only once it is complete and synced; refused while
+    another process has the store open for writing (see docs/store-format.md).
+    """
+    from splitvlm.store import compact_store
+
+    done = compact_store(store_path, into)
+    if done.readers:
+        pids = ", ".join(map(str, done.readers))
+        click.echo(f"note: process {pids} still reads the old store, and sees no later change until it opens the store again", err=True)
+    click.echo(f"{done.path}: {_size(done.before)} before, {_size(done.after)} after "
+               f"({done.entries} entries, {done.results} cached results)")
+
+
+@command.command("merge")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--into", required=True, type=click.Path(file_okay=False), help="The store to merge into (made if missing).")
+@click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1), help="Entries per write transaction.")
+def merge_cmd(sources: tuple[str, ...], into: str, batch: int) -> None:
+    """Copy the entries and cached results of each SOURCE store into --into, checked, never overwriting.
+
+    A key already there with other bytes is a conflict: reported, left as it is, exit 1 at the end.
+    A source entry that fails its checks is reported and skipped: exit 3 at the end. A merge that
+    was stopped can be run again: what it copied is found identical and skipped.
+    """
+    from splitvlm.store import EmbeddingStore, merge_stores
+
+    total = 0
+    for path in sources:
+        if os.path.isfile(os.path.join(path, "data.mdb")):  # merge_stores names a missing one
+            with EmbeddingStore(path, readonly=True) as store:
+                total += len(store)
+    with _progress(total, "merging") as bar:
+
+        def report(line: str) -> None:
+            bar.clear()
+            click.echo(line, err=True)
+
+        merged = merge_stores(sources, into, batch=batch, report=report, progress=bar.update)
+    for name, tally in (("entries", merged.entries), ("cached results", merged.results)):
+        bad = f", {tally.bad} bad" if name == "entries" else ""
+        click.echo(f"{name}: {tally.copied} copied, {tally.identical} identical skipped, {tally.conflicts} conflicts{bad}")
+    if merged.exit_status:
+        sys.exit(merged.exit_status)

@@ -22,17 +22,24 @@ def command(jobs_path, report, max_tokens, on_missing, batch_jobs, **kw) -> None
     same settings and batches, and compare token ids and text bytes job by job.
 
     Every stored embedding used is also recomputed and compared bit for bit. Prints a
-    table ending in `identical N/N`; exit status 0 only when all jobs and embeddings match.
+    table ending in `identical N/N`. Exit status 0 when all jobs and embeddings match, 4 when
+    a job or an embedding differs, else 3 when some jobs failed to run.
     """
     from splitvlm.decoder import read_jobs
     from splitvlm.verify import verify
 
     if report:
         check_writable(report, "--report")
-    cfg = make_config(**kw).replace(max_tokens=max_tokens, on_missing=on_missing, batch_jobs=batch_jobs)
+    cfg = make_config(**kw)
+    cfg = cfg.replace(max_tokens=max_tokens, on_missing=on_missing, batch_jobs=batch_jobs,
+                      show_progress=cfg.show_progress and sys.stderr.isatty())  # no bars in logs
     result = verify(cfg, read_jobs(jobs_path), report_path=report)
     click.echo(result.table())
     if report:
         click.echo(f"report: {report}")
+    if result.embedding_mismatches or any(not j.identical and j.error is None for j in result.jobs):
+        sys.exit(4)  # a mismatch found
+    if any(j.error is not None for j in result.jobs):
+        sys.exit(3)  # some jobs failed, the rest compared identical
     if not result.ok:
         sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,11 @@ _starts = 0  # vLLM engines this process has tried to start (an encode run may s
 def engine_starts() -> int:
     """How many vLLM engines this process has tried to start."""
     return _starts
+
+
+def show_bars(wanted: bool) -> bool:
+    """Progress bars only when asked for and stderr is a terminal (never in logs)."""
+    return wanted and sys.stderr.isatty()
 
 
 def on_gpu() -> bool:
@@ -92,6 +98,7 @@ class Engine:
             max_num_seqs=cfg.max_num_seqs,
             gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if self.gpu else 0.3),
             enforce_eager=self._eager(cfg, encoder_only),
+            use_tqdm_on_load=show_bars(cfg.show_progress),  # vLLM's own load and graph-capture bars
         )
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len

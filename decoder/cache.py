@@ -1,7 +1,7 @@
 """The result cache: finished decode outputs in the store's "results" database, keyed by all that made them.
 
-A key is blake3 over, each field length-prefixed: the cache format, the context (checkpoint
-files, dtype, sampling parameters, profile and its settings, the versions and the device), the
+A key is blake3 over, each field length-prefixed: the cache format, the context (a blake3 of
+every checkpoint file's bytes, the embeddings' provenance, dtype, sampling parameters, profile and its settings, the versions and the device), the
 embeddings used (store key and tensor checksum, so an altered entry misses), and the prompt's
 token ids (the prompt text as vLLM tokenizes it, before image placeholders are expanded: the
 embeddings fix that expansion). Only exact-profile greedy outputs are cached.
@@ -9,6 +9,7 @@ embeddings fix that expansion). Only exact-profile greedy outputs are cached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,8 +23,9 @@ import torch
 
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.core.identity import environment, model_id, resolve_model_dir
+from splitvlm.core.identity import environment, resolve_model_dir
 from splitvlm.core.profiles import get_profile
+from splitvlm.core.provenance import Provenance
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json
 
@@ -32,20 +34,21 @@ ENV_FIELDS = ("splitvlm", "vllm", "torch", "transformers", "cuda", "device")
 RESULT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
 
 
-def checkpoint_identity(model: str) -> dict:
-    """The model as named, and the name, size and mtime of each file of its checkpoint folder.
-
-    Cheaper than hashing gigabytes of weights; a checkpoint rewritten in place changes them.
-    """
+@functools.lru_cache(maxsize=4)
+def checkpoint_fingerprint(model: str) -> str:
+    """blake3 over every file of the checkpoint (name and bytes): the language model, tokenizer and
+    template included, and nothing of where the folder is, so a copied model keeps its cached results."""
     root = resolve_model_dir(model)
     if root is None:
-        return {"model_id": model_id(model)}
-    files = {}
-    for path in sorted(root.iterdir()):
-        if path.is_file():
-            st = path.stat()
-            files[path.name] = [st.st_size, st.st_mtime_ns]
-    return {"model_id": model_id(model), "files": files}
+        return f"hub:{model}"
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        name = path.relative_to(root).as_posix().encode()
+        h.update(struct.pack("<Q", len(name)) + name + struct.pack("<Q", path.stat().st_size))
+        with open(path, "rb") as f:
+            while chunk := f.read(64 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def profile_settings(profile_name: str) -> dict[str, str]:
@@ -64,7 +67,8 @@ def context(cfg: Config) -> dict:
     env = environment()
     return {
         "format": FORMAT,
-        "model": checkpoint_identity(cfg.model),
+        "model": checkpoint_fingerprint(cfg.model),
+        "embeddings": Provenance.of(cfg).key_fields(),
         "dtype": cfg.dtype,
         "enforce_eager": cfg.enforce_eager,
         "sampling": sampling(cfg),

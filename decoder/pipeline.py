@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import read_image_bytes
 from splitvlm.core.lock import EntryCheck
+from splitvlm.core.provenance import KeyMaker, explain_misses
 from splitvlm.decoder.cache import (
     RESULT_FIELDS,
     ResultCache,
@@ -23,11 +25,12 @@ from splitvlm.decoder.cache import (
     standalone_tokenizer,
 )
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
-from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore, Entry, Expect
 from splitvlm.store.entry import check_tensors
+from splitvlm.store.key import image_digest
 
 MISSING_POLICIES = ("error", "encode", "skip")
+OUTPUT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens")  # null on a failed job
 
 
 @dataclass
@@ -46,7 +49,11 @@ class Result:
     spot_check_error: str | None = None  # the end-to-end run of a spot check failed
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Every field, always, in output order; a failed job's output fields are null."""
+        line = asdict(self)
+        if self.error is not None:
+            line.update({name: None for name in OUTPUT_FIELDS})
+        return line
 
     def cache_fields(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_FIELDS}
@@ -176,7 +183,9 @@ class Decoder:
         if not missing:
             return
         if self.cfg.on_missing == "error":
-            listed = "; ".join(f"job {j}: {ref}" for j, ref in missing.values())
+            why = self._why_missing([ref for _, ref in missing.values()], store)
+            listed = "; ".join(f"job {j}: {ref}" + (f" ({why[ref]})" if ref in why else "")
+                               for j, ref in missing.values())
             raise SplitVLMError(f"{len(missing)} image(s) not in the store: {listed} "
                                 "(encode them first, or use --on-missing encode|skip)")
         if self.cfg.on_missing == "encode":
@@ -188,10 +197,22 @@ class Decoder:
             stats = Encoder(self.cfg, engine=self.engine).encode([ref for _, ref in missing.values()])
             for failure in stats.failures:
                 print(f"could not encode {failure['path']}: {failure['error']}", file=sys.stderr)
-        for i, (job, job_keys) in enumerate(zip(jobs, keys)):
-            absent = [ref for ref, k in zip(job.images, job_keys) if k not in store]
-            if errors[i] is None and absent:
-                errors[i] = f"job {job.id}: not in the store: {', '.join(absent)}"
+        absent = {i: [ref for ref, k in zip(job.images, job_keys) if k not in store]
+                  for i, (job, job_keys) in enumerate(zip(jobs, keys)) if errors[i] is None}
+        why = self._why_missing(sorted({ref for refs in absent.values() for ref in refs}), store)
+        for i, refs in absent.items():
+            if refs:
+                errors[i] = f"job {jobs[i].id}: not in the store: " + ", ".join(
+                    ref + (f" ({why[ref]})" if ref in why else "") for ref in refs)
+
+    def _why_missing(self, refs: list[str], store: EmbeddingStore) -> dict[str, str]:
+        """For image files not in the store: the same image stored under which other settings (one header pass)."""
+        wanted = {}
+        for ref in refs:
+            if not is_key(ref):
+                with contextlib.suppress(SplitVLMError):
+                    wanted[ref] = image_digest(read_image_bytes(ref))
+        return explain_misses(self.keys.provenance, wanted, store.metas()) if wanted else {}
 
     def _check_model(self, entry: Entry) -> None:
         """An entry made from other vision weights than --model's (reachable by key) is refused."""
@@ -224,26 +245,37 @@ class Decoder:
         return keys, errors
 
     def generate(self, jobs: list[Job]) -> list[Result]:
+        """One Result per job, in job order."""
+        return [r for chunk in self.generate_iter(jobs) for r in chunk]
+
+    def generate_iter(self, jobs: list[Job]) -> Iterator[list[Result]]:
+        """The results of each --batch-jobs chunk as it finishes, in job order; self.stats counts what was yielded."""
         t0 = time.perf_counter()
-        results: list[Result] = []
+        self.stats = DecodeStats(cached=0 if self.cfg.cache else None)
         writes = self.cfg.cache or self.cfg.on_missing == "encode"  # else a read-only store will do
         with EmbeddingStore(self.cfg.store, readonly=not writes) as store:
             keys, errors = self.prepare(jobs, store)
             cache = ResultCache(store, self.cfg) if self.cfg.cache else None
-            bar = tqdm(total=len(jobs), unit="job", desc="decode", disable=not self.cfg.show_progress, file=sys.stderr)
-            for start in range(0, len(jobs), self.cfg.batch_jobs):
-                chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
-                results.extend(self._decode_chunk(jobs, keys, errors, chunk, store, cache))
-                bar.update(len(chunk))
-            bar.close()
-        self.stats = DecodeStats(
-            jobs=len(jobs),
-            failed=sum(r.error is not None for r in results),
-            output_tokens=sum(len(r.token_ids) for r in results),
-            seconds=time.perf_counter() - t0,
-            cached=None if cache is None else sum(bool(r.cached) for r in results),
-        )
-        return results
+            with tqdm(total=len(jobs), unit="job", desc="decode", file=sys.stderr,
+                      disable=None if self.cfg.show_progress else True) as bar:  # None: off unless a terminal
+                for start in range(0, len(jobs), self.cfg.batch_jobs):
+                    chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
+                    results = self._decode_chunk(jobs, keys, errors, chunk, store, cache)
+                    bar.update(len(chunk))
+                    self._count(results, time.perf_counter() - t0)
+                    yield results
+                    t0 = time.perf_counter()  # the caller's time between chunks is not decode time
+        self._count([], time.perf_counter() - t0)
+
+    def _count(self, results: list[Result], seconds: float) -> None:
+        """Add a chunk's results and the seconds spent on it to self.stats."""
+        s = self.stats
+        s.jobs += len(results)
+        s.failed += sum(r.error is not None for r in results)
+        s.output_tokens += sum(len(r.token_ids) for r in results)
+        s.seconds += seconds
+        if s.cached is not None:
+            s.cached += sum(bool(r.cached) for r in results)
 
     def _decode_chunk(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None], chunk: range,
                       store: EmbeddingStore, cache: ResultCache | None) -> list[Result]:

@@ -19,9 +19,10 @@ from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError
 from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
 from splitvlm.core.lock import check_lock
+from splitvlm.core.provenance import KeyMaker
 from splitvlm.encoder.inputs import expand_inputs
-from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore, Entry
+from splitvlm.store.key import image_digest
 
 PIXEL_BUDGET = 150_000_000  # decoded pixels in flight across all loader threads at once
 
@@ -87,6 +88,7 @@ class Prepared:
     key: str
     pixel_values: torch.Tensor
     grid_thw: torch.Tensor
+    digest: bytes = b""  # blake3 of the file's bytes, recorded in the entry
 
     @property
     def num_patches(self) -> int:
@@ -174,13 +176,14 @@ class Encoder:
         """
         try:
             data = read_image_bytes(path)
-            key = self.keys(data)
+            digest = image_digest(data)
+            key = self.keys.provenance.key_of_digest(digest)
             if not self.cfg.overwrite and key in store:
                 return "stored", path, key
             engine = self.engine  # started (if need be) before any pixels are held
             with self.pixels.hold(image_pixels(data)):  # decoded once, at full size, within the budget
                 pixel_values, grid = engine.preprocess(decode_image(data, path))
-            return Prepared(path, key, pixel_values, grid)
+            return Prepared(path, key, pixel_values, grid, digest)
         except EngineStartError:
             raise  # not this image's fault: the run stops
         except SplitVLMError as exc:
@@ -233,15 +236,14 @@ class Encoder:
 
     def _entries(self, batch: list[Prepared], embeds: list[torch.Tensor], env: dict) -> list[Entry]:
         meta = {
-            "model_id": self.keys.model_id,
-            "model_fingerprint": self.keys.fingerprint,
             "vllm_version": env["vllm"],
             "torch_version": env["torch"],
             "device": env["device"],
             "profile": self.cfg.profile,
         }
         return [
-            Entry(p.key, e, p.grid_thw.reshape(1, 3).to(torch.int64), {**meta, "source": p.path})
+            Entry(p.key, e, p.grid_thw.reshape(1, 3).to(torch.int64),
+                  {**meta, **self.keys.provenance.meta(p.digest), "source": p.path})
             for p, e in zip(batch, embeds)
         ]
 
@@ -269,7 +271,7 @@ class Encoder:
 
     def _run(self, store: EmbeddingStore, paths: list[str], stats: Stats, started: float) -> None:
         writer = _Writer(store, stats, self.cfg.overwrite, started)
-        bar = tqdm(total=len(paths), unit="img", desc="encode", disable=not self.cfg.show_progress, file=sys.stderr)
+        bar = tqdm(total=len(paths), unit="img", desc="encode", disable=None if self.cfg.show_progress else True, file=sys.stderr)
         try:
             for batch in self._batches(self._loaded(paths, store), stats, bar):
                 t = time.perf_counter()

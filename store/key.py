@@ -10,7 +10,8 @@ import blake3
 
 from splitvlm.store.errors import StoreError
 
-KEY_VERSION = b"splitvlm.key/1"
+KEY_VERSION = b"splitvlm.key/2"
+KEY_VERSION_1 = b"splitvlm.key/1"  # keys that held the model's path; `splitvlm store rekey` moves them
 KEY_HEX_LENGTH = 64
 
 
@@ -29,29 +30,56 @@ def _add_field(h: blake3.blake3, name: bytes, value: bytes | bytearray | memoryv
     h.update(value)
 
 
+def image_digest(image_bytes: bytes | bytearray | memoryview) -> bytes:
+    """blake3 of an image file's bytes: what the key knows of the image (stored as image_blake3)."""
+    if not isinstance(image_bytes, (bytes, bytearray, memoryview)):
+        raise StoreError(f"image_bytes must be bytes, not {type(image_bytes).__name__}")
+    return blake3.blake3(memoryview(image_bytes).cast("B")).digest()
+
+
 def make_key(
     image_bytes: bytes,
     *,
-    model_id: str,
     model_fingerprint: str,
     preprocess: dict,
     profile: str,
+    dtype: str,
 ) -> str:
-    """The store key (64 hex digits) of one image under one model, preprocessing and encoder profile.
+    """The store key (64 hex digits) of one image under everything that decides its embedding's bytes.
 
-    Every field goes in with its name and its length, so no two different inputs hash the same
-    bytes; the recipe is written out in docs/store-format.md.
+    Content only: the image's blake3, the vision weights' fingerprint, the preprocessing (loader
+    version included), the encoder profile and the dtype. No path or hub id, so a store made on
+    one machine is found on another. Every field goes in with its name and its length; the
+    recipe is written out in docs/store-format.md.
     """
-    if not isinstance(image_bytes, (bytes, bytearray, memoryview)):
-        raise StoreError(f"image_bytes must be bytes, not {type(image_bytes).__name__}")
+    return key_from_digest(image_digest(image_bytes), model_fingerprint=model_fingerprint,
+                           preprocess=preprocess, profile=profile, dtype=dtype)
+
+
+def key_from_digest(digest: bytes, *, model_fingerprint: str, preprocess: dict, profile: str, dtype: str) -> str:
+    """make_key from the image's blake3 digest (as recorded in an entry), without the image."""
     if not isinstance(preprocess, dict):
         raise StoreError(f"preprocess must be a dict, not {type(preprocess).__name__}")
-    for name, text in (("model_id", model_id), ("model_fingerprint", model_fingerprint), ("profile", profile)):
+    for name, text in (("model_fingerprint", model_fingerprint), ("profile", profile), ("dtype", dtype)):
         if not isinstance(text, str) or not text:
             raise StoreError(f"{name} must be a non-empty string, got {text!r}")
-    image = memoryview(image_bytes).cast("B")
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        raise StoreError("the image digest must be 32 bytes of blake3")
     h = blake3.blake3()
     _add_field(h, b"version", KEY_VERSION)
+    _add_field(h, b"image_blake3", digest)
+    _add_field(h, b"model_fingerprint", model_fingerprint.encode("utf-8"))
+    _add_field(h, b"preprocess", canonical_json(preprocess))
+    _add_field(h, b"profile", profile.encode("utf-8"))
+    _add_field(h, b"dtype", dtype.encode("utf-8"))
+    return h.hexdigest()
+
+
+def make_key_v1(image_bytes: bytes, *, model_id: str, model_fingerprint: str, preprocess: dict, profile: str) -> str:
+    """The version-1 key (it held the model's path or hub id, and no dtype); only `store rekey` uses it."""
+    image = memoryview(image_bytes).cast("B")
+    h = blake3.blake3()
+    _add_field(h, b"version", KEY_VERSION_1)
     _add_field(h, b"image", image)
     _add_field(h, b"model_id", model_id.encode("utf-8"))
     _add_field(h, b"model_fingerprint", model_fingerprint.encode("utf-8"))

@@ -193,6 +193,10 @@ class EmbeddingStore:
         """What each entry's header says (key, n_tokens, model_id, dtype, ...), without reading tensors."""
         return walk.scan(self, walk.header_or_error)
 
+    def metas(self) -> Iterator[tuple[str, dict]]:
+        """(key, header metadata) of every entry, unchecked: for diagnosis (why a key is missing), not decoding."""
+        return walk.scan(self, walk.key_and_meta)
+
     def check(self, expect: Expect | None = None, progress: walk.Progress = None) -> Iterator[tuple[str, str | None]]:
         """Reads every entry: (key, None) for a good one, (key, one-line problem) for a bad one."""
         return walk.check(self, expect, progress)

@@ -7,9 +7,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from splitvlm.store.blob import read_header
 from splitvlm.store.entry import Expect, decode_blob, describe
 from splitvlm.store.errors import StoreError
-from splitvlm.store.key import is_key
+from splitvlm.store.key import KEY_VERSION, is_key
 
 if TYPE_CHECKING:
     from splitvlm.store.store import EmbeddingStore
@@ -36,6 +37,20 @@ def scan(store: EmbeddingStore, fn: Callable[[str, memoryview], Any]) -> Iterato
             return
         after = chunk[-1][0]
         yield from (result for _, result in chunk)
+
+
+def key_and_meta(key: str, value: memoryview) -> tuple[str, dict]:
+    """The entry's header metadata as written (unchecked: for diagnosis, never for decoding)."""
+    try:
+        return key, dict(read_header(value).get("__metadata__") or {})
+    except Exception:  # a damaged header says nothing; check reports it
+        return key, {}
+
+
+def old_keys(store: EmbeddingStore) -> int:
+    """Encoder entries (they record a model fingerprint) whose key is of an older version than this code makes."""
+    current = KEY_VERSION.decode()
+    return sum("model_fingerprint" in meta and meta.get("key_version") != current for _, meta in store.metas())
 
 
 def header_or_error(key: str, value: memoryview) -> dict:

@@ -6,10 +6,10 @@ import pytest
 from helpers import config, write_jobs
 
 from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.provenance import KeyMaker
 from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.encoder import Encoder
-from splitvlm.encoder.keys import KeyMaker
 
 
 @pytest.fixture(scope="module")

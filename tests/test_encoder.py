@@ -9,10 +9,10 @@ import torch
 from helpers import config
 from PIL import Image
 
+from splitvlm.core.provenance import KeyMaker
 from splitvlm.core.samples import save_corpus, synthetic_image
 from splitvlm.encoder import Encoder
 from splitvlm.encoder.inputs import expand_inputs
-from splitvlm.encoder.keys import KeyMaker
 from splitvlm.store import EmbeddingStore
 
 SIZES = [(64, 64), (96, 72), (72, 120), (140, 100), (56, 200)]

@@ -12,11 +12,11 @@ from helpers import config, flip_one_ulp, write_jobs
 
 from splitvlm.cli.decode_cmd import end_to_end_runner
 from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.provenance import KeyMaker
 from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.decoder.spot_check import chosen, spot_check
 from splitvlm.encoder import Encoder
-from splitvlm.encoder.keys import KeyMaker
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_spot_check_all_passes(cfg, engine, jobs_file):
     results = decoder.generate(jobs)
     report = spot_check(jobs, results, 0.5, 3, end_to_end_runner(decoder))
     assert report.checked == [j.id for j in jobs if chosen(j.id, 0.5, 3)]
-    assert all(("spot_checked" in r.to_json()) == (r.id in report.checked) for r in results)
+    assert all((r.to_json()["spot_checked"] is True) == (r.id in report.checked) for r in results)
     with pytest.raises(SplitVLMError):
         spot_check(jobs, results, 1.5, 0, end_to_end_runner(decoder))
 
@@ -97,14 +97,14 @@ def test_outputs_compared_token_by_token_and_byte_by_byte():
     assert [r.spot_check_identical for r in split] == [True, False, False, False, None]
 
 
-def test_cli_exit_status_3_names_the_job(cfg, jobs_file, images, tmp_path):
+def test_cli_exit_status_4_names_the_job(cfg, jobs_file, images, tmp_path):
     flip_one_ulp(cfg.store, KeyMaker(cfg)(open(images[0], "rb").read()))
     out = tmp_path / "out.jsonl"
     run = subprocess.run([sys.executable, "-m", "splitvlm.cli.main", "decode", "--model", cfg.model,
                           "--store", cfg.store, "--jobs", jobs_file, "--out", str(out), "--max-tokens", "12",
                           "--max-model-len", "2048", "--no-progress", "--spot-check", "1.0"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "1"})
-    assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 4, run.stdout[-2000:] + run.stderr[-2000:]
     assert "MISMATCH: 0-0" in run.stdout and "0-1" in run.stdout and "pair" in run.stdout
     lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert lines["0-0"]["spot_check_identical"] is False and lines["2-0"]["spot_check_identical"] is True

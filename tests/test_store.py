@@ -20,9 +20,9 @@ from splitvlm.store import EmbeddingStore, Entry, Expect, StoreError, make_key
 from splitvlm.store.blob import read_header
 
 PREPROCESS = {"class": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2}
-KEY_ARGS = dict(model_id="Qwen/Qwen2-VL-2B-Instruct", model_fingerprint="0123456789abcdef0123456789abcdef", preprocess=PREPROCESS, profile="exact")
+KEY_ARGS = dict(model_fingerprint="0123456789abcdef0123456789abcdef", preprocess=PREPROCESS, profile="exact", dtype="bfloat16")
 IMAGE = b"\x89PNG fake image bytes"
-GOLDEN_KEY = "a1f5eec63648ec0cb085fb65fead72e77d1d7f549a2aade15e176bf0180fcedb"
+GOLDEN_KEY = "dab271d266e90d0dd046f538a2e15bfab19e51f903f32935f4e937c4768d5732"  # key version 2
 
 
 def entry(i: int, dtype=torch.bfloat16, n_tokens: int = 16, hidden: int = 32, **meta) -> Entry:
@@ -47,15 +47,15 @@ def corrupt(store: EmbeddingStore, key: str, offset: int, mask: int = 0xFF) -> N
 
 
 # -- keys --
-def _documented_key(image: bytes, model_id: str, model_fingerprint: str, preprocess: dict, profile: str) -> str:
+def _documented_key(image: bytes, model_fingerprint: str, preprocess: dict, profile: str, dtype: str) -> str:
     """The recipe of docs/store-format.md, written out independently of make_key."""
     def field(name: bytes, value: bytes) -> bytes:
         return struct.pack("<Q", len(name)) + name + struct.pack("<Q", len(value)) + value
 
     canonical = json.dumps(preprocess, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    data = (field(b"version", b"splitvlm.key/1") + field(b"image", image) + field(b"model_id", model_id.encode())
+    data = (field(b"version", b"splitvlm.key/2") + field(b"image_blake3", blake3.blake3(image).digest())
             + field(b"model_fingerprint", model_fingerprint.encode()) + field(b"preprocess", canonical)
-            + field(b"profile", profile.encode()))
+            + field(b"profile", profile.encode()) + field(b"dtype", dtype.encode()))
     return blake3.blake3(data).hexdigest()
 
 
@@ -77,7 +77,7 @@ def test_key_is_the_same_in_another_process():
 
 CHANGES = {
     "image byte": dict(image=IMAGE[:-1] + b"X"),
-    "model_id": dict(model_id="Qwen/Qwen2-VL-7B-Instruct"),
+    "dtype": dict(dtype="float32"),
     "model_fingerprint": dict(model_fingerprint="f" * 32),
     "processor class": dict(preprocess={**PREPROCESS, "class": "Qwen2VLImageProcessorFast"}),
     "min_pixels": dict(preprocess={**PREPROCESS, "min_pixels": 3137}),
@@ -85,7 +85,7 @@ CHANGES = {
     "other resize setting": dict(preprocess={**PREPROCESS, "resample": 3}),
     "int vs float": dict(preprocess={**PREPROCESS, "min_pixels": 3136.0}),
     "profile": dict(profile="fast"),
-    "fields run together": dict(model_id=KEY_ARGS["model_id"] + "0", model_fingerprint=KEY_ARGS["model_fingerprint"][1:]),
+    "fields run together": dict(profile="exactb", dtype="float16"[1:]),
 }
 
 

@@ -23,7 +23,7 @@ def path(tmp_path):
     with EmbeddingStore(path) as store:
         entries = []
         for i, dtype in enumerate([torch.bfloat16, torch.bfloat16, torch.float16]):
-            key = make_key(f"img{i}".encode(), model_id="m", model_fingerprint="f", preprocess={}, profile="exact")
+            key = make_key(f"img{i}".encode(), model_fingerprint="f", preprocess={}, profile="exact", dtype="bfloat16")
             meta = {"model_id": "m" if i < 2 else "other", "source": f"imgs/{i}.png", "profile": "exact"}
             entries.append(Entry(key, torch.full((4, 8), float(i), dtype=dtype), torch.tensor([[1, 4, 4]]), meta))
         store.put_many(entries)

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     def entries(b):
         out = []
         for i in range(batch):
-            key = make_key(f"{b}-{i}".encode(), model_id="m", model_fingerprint="f", preprocess={}, profile="exact")
+            key = make_key(f"{b}-{i}".encode(), model_fingerprint="f", preprocess={}, profile="exact", dtype="bfloat16")
             embeds = torch.full((64, 64), float(b * batch + i))
             out.append(Entry(key, embeds, torch.tensor([[1, 16, 16]]), {"model_id": "m"}))
         return out
@@ -53,7 +53,7 @@ BATCH = 8
 def keys_of(batch: int) -> list[str]:
     from splitvlm.store import make_key
 
-    return [make_key(f"{batch}-{i}".encode(), model_id="m", model_fingerprint="f", preprocess={}, profile="exact") for i in range(BATCH)]
+    return [make_key(f"{batch}-{i}".encode(), model_fingerprint="f", preprocess={}, profile="exact", dtype="bfloat16") for i in range(BATCH)]
 
 
 def start_writer(path, batches: int, pause_at: int = 0) -> subprocess.Popen:
@@ -128,7 +128,7 @@ def test_cli_check_names_each_flipped_byte_and_exits_1(tmp_path):
     from splitvlm.store import Entry, make_key
 
     path = tmp_path / "flip.lmdb"
-    tensor_bad, meta_bad, good = (make_key(n, model_id="m", model_fingerprint="f", preprocess={}, profile="exact") for n in (b"x", b"y", b"z"))
+    tensor_bad, meta_bad, good = (make_key(n, model_fingerprint="f", preprocess={}, profile="exact", dtype="bfloat16") for n in (b"x", b"y", b"z"))
     with EmbeddingStore(path) as store:
         meta = {"model_id": "m", "source": "a.png"}
         store.put_many([Entry(k, torch.ones(4, 8, dtype=torch.bfloat16), torch.tensor([[1, 4, 4]]), meta) for k in (tensor_bad, meta_bad, good)])

@@ -10,10 +10,10 @@ import sys
 import pytest
 from helpers import config, flip_one_ulp, write_jobs
 
+from splitvlm.core.provenance import KeyMaker
 from splitvlm.core.samples import blue_circle, rainbow_flag, red_square
 from splitvlm.decoder import read_jobs
 from splitvlm.encoder import Encoder
-from splitvlm.encoder.keys import KeyMaker
 from splitvlm.verify import verify
 
 PROMPTS = [
@@ -87,5 +87,5 @@ def test_cli_exit_status_on_altered_store(tiny_model, seed_jobs, tmp_path):
     only_first = write_jobs(tmp_path / "jobs.jsonl", [json.loads(line) for line in open(jobs)][:2])
     out = splitvlm("verify", "--model", tiny_model, "--store", str(store), "--jobs", only_first,
                    "--max-tokens", "8", "--max-model-len", "2048", "--no-progress")
-    assert out.returncode == 1
+    assert out.returncode == 4  # a mismatch found
     assert "0-0" in out.stdout and "embeddings identical 0/1" in out.stdout

@@ -116,7 +116,7 @@ class Verifier:
         tokenizer = self.engine.tokenizer()
         params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)  # as the decoder's
         results: list[Result] = []
-        bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=not self.cfg.show_progress, file=sys.stderr)
+        bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=None if self.cfg.show_progress else True, file=sys.stderr)
         for start in range(0, len(jobs), self.cfg.batch_jobs):
             chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
             prompts, slots = [], []
@@ -149,7 +149,7 @@ class Verifier:
             for ref, key in zip(job.images, job_keys):
                 seen.setdefault(key, ref)
                 users.setdefault(key, []).append(job.id)
-        for key, ref in tqdm(seen.items(), unit="img", desc="embeddings", disable=not self.cfg.show_progress, file=sys.stderr):
+        for key, ref in tqdm(seen.items(), unit="img", desc="embeddings", disable=None if self.cfg.show_progress else True, file=sys.stderr):
             report.embeddings_checked += 1
             try:
                 stored = store.get(key)
