@@ -2,7 +2,8 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
+from splitvlm.core import __version__
+
 __all__ = ["Config", "Encoder", "Decoder", "EmbeddingStore", "verify", "__version__"]
 
 

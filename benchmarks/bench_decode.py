@@ -30,10 +30,10 @@ from benchmarks.common import (
 )
 from splitvlm.core.config import Config
 from splitvlm.core.images import load_image
-from splitvlm.core.samples import PROMPTS
 from splitvlm.decoder.jobs import Job, build_prompt
 from splitvlm.decoder.pipeline import embeds_input, vllm_prompt
 from splitvlm.store import EmbeddingStore, Expect
+from splitvlm.tools.samples import PROMPTS
 
 GOAL_SHORT = 5.0  # store vs end-to-end requests/s, at up to 64 output tokens
 GOAL_LONG = 1.5  # the same at 256

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from splitvlm.core.samples import PROMPTS, synthetic_image
+from splitvlm.tools.samples import PROMPTS, synthetic_image
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 

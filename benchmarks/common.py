@@ -22,7 +22,7 @@ SMOKE_SIZES = [(64, 64), (96, 128), (128, 96), (112, 112)]  # small enough for a
 
 def sizes_for(smoke: bool) -> list[tuple[int, int]]:
     """The image sizes (width, height) of a run: 224-800 px, or a few tiny ones for --smoke."""
-    from splitvlm.core.samples import SIZES
+    from splitvlm.tools.samples import SIZES
 
     return list(SMOKE_SIZES if smoke else SIZES)
 
@@ -34,7 +34,7 @@ def size_label(size: Sequence[int]) -> str:
 def write_images(folder: Path, first: int, n: int, sizes: Sequence[tuple[int, int]],
                  seed: int = 7, threads: int = 8) -> list[str]:
     """PNG files of synthetic images first..first+n-1, size cycling through sizes; their paths."""
-    from splitvlm.core.samples import synthetic_image
+    from splitvlm.tools.samples import synthetic_image
 
     folder.mkdir(parents=True, exist_ok=True)
 

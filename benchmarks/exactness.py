@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import encode_batches
 from splitvlm.core.config import Config
 from splitvlm.core.identity import environment
-from splitvlm.core.samples import PROMPTS, synthetic_image
+from splitvlm.tools.samples import PROMPTS, synthetic_image
 
 
 def chat_prompt(tokenizer, text: str) -> str:

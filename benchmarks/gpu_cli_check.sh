@@ -11,7 +11,7 @@ timed() { local name=$1; shift; local t0=$(date +%s.%N); "$@" > "$out/$name.log"
   echo "$name rc=$rc seconds=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')" | tee -a "$out/cli_check.txt"; tail -3 "$out/$name.log"; }
 "$py" - "$work" "$n" <<'PY'
 import json, sys
-from splitvlm.core.samples import PROMPTS, save_corpus
+from splitvlm.tools.samples import PROMPTS, save_corpus
 work, n = sys.argv[1], int(sys.argv[2])
 paths = save_corpus(f"{work}/imgs", n, seed=33)
 with open(f"{work}/jobs.jsonl", "w") as f:

@@ -18,9 +18,9 @@ import torch
 from benchmarks import bench_decode, bench_encode
 from benchmarks.common import measure_peak
 from splitvlm.core.config import Config
-from splitvlm.core.samples import PROMPTS, save_corpus
 from splitvlm.decoder.jobs import read_jobs
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import PROMPTS, save_corpus
 from splitvlm.verify import verify
 
 

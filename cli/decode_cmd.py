@@ -9,7 +9,7 @@ from typing import TextIO
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config
+from splitvlm.cli.options import check_writable, engine_options, make_config, missing_encoder
 
 
 def end_to_end_runner(decoder):
@@ -21,7 +21,7 @@ def end_to_end_runner(decoder):
 
     def run(jobs, keys):
         if not verifiers:
-            verifiers.append(Verifier(decoder.cfg, engine=decoder.engine))
+            verifiers.append(Verifier(decoder.cfg, engine=decoder.engine, encode_missing=decoder.encode_missing))
         verifier, report = verifiers[0], Report()
         with EmbeddingStore(decoder.cfg.store, readonly=True) as store:
             results = verifier.end_to_end(jobs, keys, [None] * len(jobs), store)
@@ -103,7 +103,7 @@ def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, 
     check_writable(out, "--out")
     if stats_json:
         check_writable(stats_json, "--stats-json")
-    decoder = Decoder(cfg)
+    decoder = Decoder(cfg, encode_missing=missing_encoder(cfg, lambda: decoder.engine))
     jobs = read_jobs(jobs_path)
     done, failed_before = finished_lines(out) if resume else (set(), 0)
     todo = [job for job in jobs if job.id not in done]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from splitvlm.core.demo import DEFAULT_WORKDIR
+from splitvlm.tools.demo import DEFAULT_WORKDIR
 
 
 @click.command("demo")
@@ -27,7 +27,7 @@ def command(workdir: str, images: int, max_tokens: int, fresh: bool, no_progress
     Each job is one image with one of three prompts (one in Chinese), plus one job with two
     images. Exit status 0 only when every job and every stored embedding is identical.
     """
-    from splitvlm.core.demo import run_demo
+    from splitvlm.tools.demo import run_demo
 
     result = run_demo(workdir, images=images, max_tokens=max_tokens, fresh=fresh,
                       echo=click.echo, show_progress=not no_progress)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from splitvlm.core.make_model import ARCHS
+from splitvlm.tools.make_model import ARCHS
 
 
 @click.command("make-model")
@@ -43,7 +43,7 @@ def command(arch: str, out: Path, seed: int, device: str) -> None:
       splitvlm make-model --arch tiny --out models/tiny
       splitvlm make-model --arch qwen2-vl-2b --out models/2b --device cuda
     """
-    from splitvlm.core.make_model import human_count, make_model, read_marker
+    from splitvlm.tools.make_model import human_count, make_model, read_marker
 
     if out.exists() and any(out.iterdir()) and read_marker(out) is None:
         raise click.ClickException(

@@ -6,11 +6,14 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from splitvlm.core.config import Config
+
+if TYPE_CHECKING:
+    from splitvlm.encoder import Stats
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -56,6 +59,17 @@ def make_config(**kw) -> Config:
         enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"], lock=kw["lock"],
         show_progress=not kw["no_progress"],
     )
+
+
+def missing_encoder(cfg: Config, engine: Callable[[], object]) -> Callable[[list[str]], Stats]:
+    """A Decoder's encode_missing: the Encoder in the engine that engine() returns (the decoder's own)."""
+
+    def encode(paths: list[str]) -> Stats:
+        from splitvlm.encoder import Encoder
+
+        return Encoder(cfg, engine=engine()).encode(paths)
+
+    return encode
 
 
 def check_writable(path: str, option: str) -> None:

@@ -1,10 +1,11 @@
-"""`splitvlm store`: inspect and maintain an embedding store (stats, ls, check, get, rm, compact, merge)."""
+"""`splitvlm store`: inspect and maintain an embedding store (stats, ls, check, get, export, rm, compact, merge)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from typing import IO
 
 import click
 
@@ -152,6 +153,52 @@ def get_cmd(store_path: str, key: str, out: str) -> None:
     except OSError as exc:
         raise click.ClickException(f"{out}: cannot write ({exc.strerror or exc})") from None
     click.echo(f"wrote {out} ({_size(len(blob))})")
+
+
+def _chosen_keys(key_args: tuple[str, ...], keys_file: IO[str] | None) -> list[str] | None:
+    """The keys of --keys (comma-separated, repeatable) then --keys-file (one a line, # comments); None: all."""
+    if not key_args and keys_file is None:
+        return None
+    keys = [k for arg in key_args for k in arg.split(",")]
+    keys += [line for line in keys_file or () if not line.lstrip().startswith("#")]
+    return [k.strip() for k in keys if k.strip()]
+
+
+@command.command("export")
+@store_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The folder to write (made if missing).")
+@click.option("--format", "fmt", required=True, type=click.Choice(["npy", "safetensors", "parquet"]),
+              help="npy: <key>.npy per entry + index.jsonl; safetensors: <key>.safetensors per entry + index.jsonl; "
+                   "parquet: one embeddings.parquet (needs pyarrow).")
+@click.option("--dtype", type=click.Choice(["float32", "native"]), default="float32", show_default=True,
+              help="float32: bfloat16/float16 widened exactly, readable by numpy and safetensors.numpy. native "
+                   "(safetensors only): each entry's blob as stored; bfloat16 files then only torch reads.")
+@click.option("--keys", "key_args", multiple=True, metavar="K[,K...]", help="Export only these keys (repeatable).")
+@click.option("--keys-file", type=click.File("r", encoding="utf-8"), help="Export only the keys in this file, one a line ('-': stdin).")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing files of the same names.")
+def export_cmd(store_path: str, out: str, fmt: str, dtype: str, key_args: tuple[str, ...],
+               keys_file: IO[str] | None, overwrite: bool) -> None:
+    """Write entries (all, or --keys), each read with every check of `get`, as files other tools read.
+
+    A bad or unknown key is reported on one line on stderr and skipped (exit 3 at the end). Each
+    file is written under a temporary name and renamed into place; a non-empty --out is refused
+    without --overwrite. Ends with one line: exported N, bad M, bytes written.
+    """
+    from splitvlm.store import export_store
+
+    if dtype == "native" and fmt != "safetensors":
+        raise click.UsageError(f"--dtype native goes with --format safetensors only ({fmt} holds float32: numpy has no bfloat16)")
+    keys = _chosen_keys(key_args, keys_file)
+    with _open(store_path) as store, _progress(len(store) if keys is None else len(keys), "exporting") as bar:
+
+        def report(line: str) -> None:
+            bar.clear()
+            click.echo(line, err=True)
+
+        done = export_store(store, out, fmt, dtype=dtype, keys=keys, overwrite=overwrite, report=report, progress=bar.update)
+    click.echo(f"exported {done.entries}, bad {done.bad}, {_size(done.bytes)} written to {out} ({fmt}, {dtype})")
+    if done.exit_status:
+        sys.exit(done.exit_status)
 
 
 @command.command("rm")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config
+from splitvlm.cli.options import check_writable, engine_options, make_config, missing_encoder
 
 
 @click.command("verify")
@@ -26,14 +26,18 @@ def command(jobs_path, report, max_tokens, on_missing, batch_jobs, **kw) -> None
     a job or an embedding differs, else 3 when some jobs failed to run.
     """
     from splitvlm.decoder import read_jobs
-    from splitvlm.verify import verify
+    from splitvlm.verify import Verifier
 
     if report:
         check_writable(report, "--report")
     cfg = make_config(**kw)
     cfg = cfg.replace(max_tokens=max_tokens, on_missing=on_missing, batch_jobs=batch_jobs,
                       show_progress=cfg.show_progress and sys.stderr.isatty())  # no bars in logs
-    result = verify(cfg, read_jobs(jobs_path), report_path=report)
+    jobs = read_jobs(jobs_path)
+    verifier = Verifier(cfg, encode_missing=missing_encoder(cfg, lambda: verifier.engine))  # one engine for all
+    result = verifier.run(jobs)
+    if report:
+        result.write(report)
     click.echo(result.table())
     if report:
         click.echo(f"report: {report}")

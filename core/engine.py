@@ -60,6 +60,11 @@ def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False) ->
     _process_env = env
 
 
+def prepare_process(profile_name: str) -> None:
+    """Give this process the environment a full engine of this profile would (vLLM reads it once)."""
+    _prepare_process(get_profile(profile_name), on_gpu())
+
+
 class Engine:
     """A vLLM engine for Qwen2-VL under a splitvlm profile: preprocess, encode, generate."""
 

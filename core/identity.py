@@ -24,7 +24,7 @@ def _version(dist: str) -> str:
 
 
 def _splitvlm_version() -> str:
-    from splitvlm import __version__
+    from splitvlm.core import __version__
 
     return __version__
 

@@ -194,9 +194,9 @@ def check_cacheable(cfg: Config) -> None:
 def standalone_tokenizer(cfg: Config):
     """vLLM's tokenizer for the model without an engine, so that a decode answered from the cache
     never starts one; the process gets the profile's settings first, as Engine would give them."""
-    from splitvlm.core.engine import _prepare_process, on_gpu
+    from splitvlm.core.engine import prepare_process
 
-    _prepare_process(get_profile(cfg.profile), on_gpu())
+    prepare_process(cfg.profile)
     from vllm.tokenizers import get_tokenizer
 
     return get_tokenizer(cfg.model)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
-import torch
 from tqdm import tqdm
 
 from splitvlm.core.config import Config
@@ -18,116 +16,55 @@ from splitvlm.core.images import read_image_bytes
 from splitvlm.core.lock import EntryCheck
 from splitvlm.core.provenance import KeyMaker, explain_misses
 from splitvlm.decoder.cache import (
-    RESULT_FIELDS,
     ResultCache,
     check_cacheable,
     prompt_token_ids,
     standalone_tokenizer,
 )
 from splitvlm.decoder.jobs import Job, build_prompt, is_key
+from splitvlm.decoder.results import (
+    OUTPUT_FIELDS,
+    DecodeStats,
+    Result,
+    embeds_input,
+    first_difference,
+    result_from_output,
+    vllm_prompt,
+)
 from splitvlm.store import EmbeddingStore, Entry, Expect
 from splitvlm.store.entry import check_tensors
 from splitvlm.store.key import image_digest
 
+__all__ = ["OUTPUT_FIELDS", "DecodeStats", "Decoder", "Encoded", "Result", "embeds_input", "first_difference",
+           "result_from_output", "vllm_prompt"]
 MISSING_POLICIES = ("error", "encode", "skip")
-OUTPUT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens")  # null on a failed job
 
 
-@dataclass
-class Result:
-    id: str
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    sha256: str = ""
-    prompt_tokens: int = 0
-    keys: list[str] = field(default_factory=list)
-    error: str | None = None
-    cached: bool | None = None  # with --cache: answered from the result cache
-    spot_checked: bool | None = None  # with --spot-check: also run end to end
-    spot_check_identical: bool | None = None
-    spot_check_error: str | None = None  # the end-to-end run of a spot check failed
+class Encoded(Protocol):
+    """What an encode_missing callable returns (the encoder's Stats): the images it could not encode."""
 
-    def to_json(self) -> dict:
-        """Every field, always, in output order; a failed job's output fields are null."""
-        line = asdict(self)
-        if self.error is not None:
-            line.update({name: None for name in OUTPUT_FIELDS})
-        return line
-
-    def cache_fields(self) -> dict:
-        return {name: getattr(self, name) for name in RESULT_FIELDS}
-
-
-@dataclass
-class DecodeStats:
-    jobs: int = 0
-    failed: int = 0
-    output_tokens: int = 0
-    seconds: float = 0.0
-    cached: int | None = None  # None: no cache in use
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "requests_per_s": self.jobs / self.seconds if self.seconds else 0.0}
-
-    def summary(self) -> str:
-        rate = self.jobs / self.seconds if self.seconds else 0.0
-        tps = self.output_tokens / self.seconds if self.seconds else 0.0
-        cached = "" if self.cached is None else f", {self.cached} from the cache"
-        return (f"decoded {self.jobs - self.failed}/{self.jobs} jobs{cached}, {self.failed} failed; "
-                f"{self.seconds:.1f} s, {rate:.2f} requests/s, {tps:.1f} output tokens/s")
-
-
-def result_from_output(job: Job, output, keys: list[str]) -> Result:
-    completion = output.outputs[0]
-    return Result(
-        id=job.id,
-        text=completion.text,
-        token_ids=list(completion.token_ids),
-        finish_reason=completion.finish_reason,
-        sha256=hashlib.sha256(completion.text.encode("utf-8")).hexdigest(),
-        prompt_tokens=len(output.prompt_token_ids or []),
-        keys=keys,
-    )
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token (the shorter length when one is a prefix); None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def vllm_prompt(text: str, images: dict | list | None) -> dict:
-    """A vLLM prompt dict; text-only jobs carry no multi_modal_data."""
-    return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-
-
-def embeds_input(entries: Sequence[Entry]) -> dict | None:
-    """The image data of a prompt's stored entries, as vLLM takes embeddings (None without images)."""
-    if not entries:
-        return None
-    return {
-        "image_embeds": torch.cat([e.image_embeds for e in entries]),
-        "image_grid_thw": torch.cat([e.image_grid_thw.reshape(1, 3) for e in entries]),
-    }
+    failures: list[dict]  # {"path", "error"} per image
 
 
 class Decoder:
     """Greedy generation in vLLM from stored embeddings; no vision tower in the loop."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg: Config, engine=None, encode_missing: Callable[[list[str]], Encoded] | None = None):
+        """encode_missing(paths) encodes images into the store for on_missing="encode" (an Encoder in this engine)."""
         if not cfg.store:
             raise SplitVLMError("no store given (--store PATH)")
         if cfg.on_missing not in MISSING_POLICIES:
             raise SplitVLMError(f"--on-missing must be one of {', '.join(MISSING_POLICIES)}")
+        if cfg.on_missing == "encode" and encode_missing is None:
+            raise SplitVLMError('on_missing="encode" needs encode_missing, a callable that encodes image paths '
+                                "into the store (Decoder(cfg, encode_missing=...))")
         if cfg.cache:
             check_cacheable(cfg)
         self.check_entry = EntryCheck(cfg.lock, cfg.allow_mismatch)  # checks the lock itself first
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine
+        self.encode_missing = encode_missing
         self._tokenizer = None
         self._path_keys: dict[str, str] = {}
         self.stats = DecodeStats()
@@ -192,10 +129,8 @@ class Decoder:
             unencodable = [ref for _, ref in missing.values() if is_key(ref)]
             if unencodable:
                 raise SplitVLMError(f"cannot encode keys that are not in the store: {', '.join(unencodable)}")
-            from splitvlm.encoder import Encoder
-
-            stats = Encoder(self.cfg, engine=self.engine).encode([ref for _, ref in missing.values()])
-            for failure in stats.failures:
+            assert self.encode_missing is not None  # refused in __init__ otherwise
+            for failure in self.encode_missing([ref for _, ref in missing.values()]).failures:
                 print(f"could not encode {failure['path']}: {failure['error']}", file=sys.stderr)
         absent = {i: [ref for ref, k in zip(job.images, job_keys) if k not in store]
                   for i, (job, job_keys) in enumerate(zip(jobs, keys)) if errors[i] is None}

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from splitvlm.core.make_model import make_model
+    from splitvlm.tools.make_model import make_model
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     make_model("tiny", str(out), seed=0)

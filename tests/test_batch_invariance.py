@@ -6,7 +6,7 @@ import random
 
 from benchmarks.common import encode_batches
 from benchmarks.exactness import chat_prompt, run_chunks
-from splitvlm.core.samples import PROMPTS, synthetic_image
+from splitvlm.tools.samples import PROMPTS, synthetic_image
 
 
 def test_batch_1_vs_8_vs_shuffled(engine):

@@ -15,7 +15,6 @@ from splitvlm.cli.store_cmd import command as store_cli
 from splitvlm.core import identity
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.decoder.cache import (
     ResultCache,
@@ -26,6 +25,7 @@ from splitvlm.decoder.cache import (
 from splitvlm.decoder.jobs import build_prompt
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore
+from splitvlm.tools.samples import save_corpus
 
 FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
 

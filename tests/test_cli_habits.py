@@ -12,8 +12,8 @@ from helpers import config, flip_one_ulp, write_jobs
 
 from splitvlm.cli.main import cli
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import save_corpus
 
 COMMON = ["--max-tokens", "6", "--max-model-len", "2048"]
 

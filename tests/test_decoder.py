@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from click.testing import CliRunner
 from helpers import config, write_jobs
 
+from splitvlm.cli.main import cli
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import save_corpus
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +93,37 @@ def test_missing_policies(store, engine, images, tmp_path):
     assert [r.error is None for r in skipped] == [True, False, False]
     assert "not in the store" in skipped[1].error
 
-    encoded = Decoder(store.replace(on_missing="encode"), engine=engine).generate(read_jobs(path))
+    with pytest.raises(SplitVLMError, match="needs encode_missing") as err:  # the decoder never imports the encoder
+        Decoder(store.replace(on_missing="encode"), engine=engine)
+    assert "\n" not in str(err.value)
+    asked: list[list[str]] = []
+
+    def encode_missing(paths: list[str]):
+        asked.append(paths)
+        return Encoder(store, engine=engine).encode(paths)
+
+    encoded = Decoder(store.replace(on_missing="encode"), engine=engine,
+                      encode_missing=encode_missing).generate(read_jobs(path))
     assert all(r.error is None for r in encoded)
     assert encoded[0].token_ids == skipped[0].token_ids
+    assert asked == [[images[4], images[5]]]  # each missing image once, none that was stored
+
+
+def test_cli_encodes_missing_images_in_the_decoders_engine(tiny_model, engine, images, tmp_path, monkeypatch):
+    """decode --on-missing encode and verify (encode by default) hand the encoder the decoder's engine."""
+    starts: list[tuple] = []
+    monkeypatch.setattr("splitvlm.core.engine.Engine", lambda *a, **k: starts.append(a) or engine)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "images": [images[4]], "prompt": "Describe."}])
+    common = ["--model", tiny_model, "--jobs", jobs, "--max-tokens", "6", "--max-model-len", "2048", "--no-progress"]
+    out = tmp_path / "out.jsonl"
+    decoded = CliRunner().invoke(cli, ["decode", "--store", str(tmp_path / "s1"), "--out", str(out),
+                                       "--on-missing", "encode", *common], catch_exceptions=False)
+    assert decoded.exit_code == 0, decoded.output
+    assert json.loads(out.read_text())["error"] is None
+    verified = CliRunner().invoke(cli, ["verify", "--store", str(tmp_path / "s2"), *common], catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output
+    assert "embeddings identical 1/1" in verified.output and "identical 1/1" in verified.output
+    assert len(starts) == 2  # one engine per command: the encoder ran in the decoder's
 
 
 def test_corrupted_entry_is_one_line_error_and_no_crash(store, engine, images, tmp_path):

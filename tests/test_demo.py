@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvlm.cli.main import cli
-from splitvlm.core import demo
+from splitvlm.tools import demo
 
 
 @pytest.fixture()

@@ -10,10 +10,10 @@ from helpers import config
 from PIL import Image
 
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus, synthetic_image
 from splitvlm.encoder import Encoder
 from splitvlm.encoder.inputs import expand_inputs
 from splitvlm.store import EmbeddingStore
+from splitvlm.tools.samples import save_corpus, synthetic_image
 
 SIZES = [(64, 64), (96, 72), (72, 120), (140, 100), (56, 200)]
 

@@ -15,10 +15,10 @@ from splitvlm.cli.env_cmd import command as env_cli
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import environment
 from splitvlm.core.lock import LOCKED, current, read_lock
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore, Entry
+from splitvlm.tools.samples import save_corpus
 from splitvlm.verify import verify
 
 

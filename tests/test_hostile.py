@@ -11,11 +11,11 @@ import torch
 from helpers import config, write_jobs
 
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.decoder.cache import check_results
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore, Entry, StoreError
+from splitvlm.tools.samples import save_corpus
 
 
 @pytest.fixture(scope="module")

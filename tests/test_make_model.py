@@ -90,7 +90,7 @@ def test_vllm_generates_text(engine):
 
 
 def test_2b_config_numbers():
-    from splitvlm.core.make_model import build_config
+    from splitvlm.tools.make_model import build_config
 
     config = build_config("qwen2-vl-2b")
     text, vision = config.text_config, config.vision_config
@@ -108,7 +108,7 @@ def test_2b_config_numbers():
 
 def test_unknown_arch_is_refused(tmp_path):
     from splitvlm.core.errors import SplitVLMError
-    from splitvlm.core.make_model import make_model
+    from splitvlm.tools.make_model import make_model
 
     with pytest.raises(SplitVLMError, match="unknown arch"):
         make_model("qwen9", str(tmp_path / "m"))
@@ -139,7 +139,7 @@ def test_cli_writes_and_refuses_foreign_dir(tmp_path):
 def test_2b_builds_on_gpu(tmp_path):
     from safetensors import safe_open
 
-    from splitvlm.core.make_model import make_model, read_marker
+    from splitvlm.tools.make_model import make_model, read_marker
 
     out = make_model("qwen2-vl-2b", str(tmp_path / "2b"), device="cuda")
     info = read_marker(out)

@@ -10,12 +10,12 @@ from helpers import config, write_jobs
 
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.provenance import KeyMaker, Provenance
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.encoder import Encoder
 from splitvlm.encoder.rekey import rekey
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import KEY_VERSION, make_key_v1
+from splitvlm.tools.samples import save_corpus
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from helpers import config, flip_one_ulp, write_jobs
 from splitvlm.cli.decode_cmd import end_to_end_runner
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.decoder.spot_check import chosen, spot_check
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import save_corpus
 
 
 @pytest.fixture(scope="module")

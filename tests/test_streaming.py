@@ -16,10 +16,10 @@ from helpers import config, write_jobs
 
 from splitvlm.cli.decode_cmd import finished_lines
 from splitvlm.cli.main import cli
-from splitvlm.core.samples import save_corpus
 from splitvlm.decoder import Decoder, Result, read_jobs
 from splitvlm.decoder.spot_check import chosen
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import save_corpus
 
 FIELDS = ["id", "text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys", "error", "cached",
           "spot_checked", "spot_check_identical", "spot_check_error"]

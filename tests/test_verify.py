@@ -11,9 +11,9 @@ import pytest
 from helpers import config, flip_one_ulp, write_jobs
 
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.core.samples import blue_circle, rainbow_flag, red_square
 from splitvlm.decoder import read_jobs
 from splitvlm.encoder import Encoder
+from splitvlm.tools.samples import blue_circle, rainbow_flag, red_square
 from splitvlm.verify import verify
 
 PROMPTS = [

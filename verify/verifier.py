@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,15 +16,17 @@ from tqdm import tqdm
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import load_image
-from splitvlm.decoder.jobs import Job, build_prompt, is_key
-from splitvlm.decoder.pipeline import (
+from splitvlm.decoder import (
     Decoder,
+    Encoded,
+    Job,
     Result,
+    build_prompt,
     first_difference,
+    is_key,
     result_from_output,
     vllm_prompt,
 )
-from splitvlm.encoder.pipeline import Encoder, Prepared
 from splitvlm.store import EmbeddingStore
 
 
@@ -63,6 +66,10 @@ class Report:
         d["ok"] = self.ok
         return d
 
+    def write(self, path: str) -> None:
+        """The report as JSON, to path."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+
     def table(self) -> str:
         lines = [f"{'job':<24} {'identical':<9} {'first diff':<10} sha256 (split)"]
         for j in self.jobs:
@@ -94,9 +101,10 @@ def compare(split: Result, e2e: Result) -> JobComparison:
 class Verifier:
     """Both paths in one engine with the same settings and the same batches."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg: Config, engine=None, encode_missing: Callable[[list[str]], Encoded] | None = None):
+        """encode_missing: as Decoder takes it, for on_missing="encode"."""
         self.cfg = cfg
-        self.decoder = Decoder(cfg, engine=engine)
+        self.decoder = Decoder(cfg, engine=engine, encode_missing=encode_missing)
 
     @property
     def engine(self):
@@ -141,8 +149,7 @@ class Verifier:
         return results
 
     def check_embeddings(self, jobs: list[Job], keys: list[list[str]], store: EmbeddingStore, report: Report) -> None:
-        """Recompute every stored embedding used with the encoder and compare bit for bit."""
-        encoder = Encoder(self.cfg, engine=self.engine)
+        """Recompute every stored embedding used in the engine's vision tower and compare bit for bit."""
         seen: dict[str, str] = {}
         users: dict[str, list[str]] = {}
         for job, job_keys in zip(jobs, keys):
@@ -155,7 +162,7 @@ class Verifier:
                 stored = store.get(key)
                 source = self._source(ref, key, store, stored)
                 pixel_values, grid = self.engine.preprocess(load_image(source)[1])
-                (fresh,) = encoder.embed([Prepared(source, key, pixel_values, grid)])
+                (fresh,) = self.engine.encode(pixel_values, grid)  # as the encoder's batch of one
             except SplitVLMError as exc:
                 report.embedding_mismatches.append({"key": key, "source": ref, "jobs": users[key], "error": str(exc)})
                 continue
@@ -188,9 +195,10 @@ class Verifier:
         return report
 
 
-def verify(cfg: Config, jobs: list[Job], report_path: str | None = None, engine=None) -> Report:
+def verify(cfg: Config, jobs: list[Job], report_path: str | None = None, engine=None,
+           encode_missing: Callable[[list[str]], Encoded] | None = None) -> Report:
     """Prove split == end-to-end for these jobs; writes the JSON report when a path is given."""
-    report = Verifier(cfg, engine=engine).run(jobs)
+    report = Verifier(cfg, engine=engine, encode_missing=encode_missing).run(jobs)
     if report_path:
-        Path(report_path).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        report.write(report_path)
     return report

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from splitvlm.core import samples
 from splitvlm.core.errors import SplitVLMError
+from splitvlm.tools import samples
 
 DEFAULT_WORKDIR = ".splitvlm/demo"
 MARKER = ".splitvlm-demo"  # marks a folder as demo output: --fresh deletes only such folders
@@ -126,7 +126,7 @@ def prepare_workdir(workdir: Path, fresh: bool) -> None:
 
 
 def tiny_model(model_dir: Path, echo: Echo) -> None:
-    from splitvlm.core.make_model import human_count, make_model, read_marker
+    from splitvlm.tools.make_model import human_count, make_model, read_marker
 
     info = read_marker(model_dir)
     if info is None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.core.tokenizer_maker import make_processor, make_tokenizer, special_token_ids
+from splitvlm.tools.tokenizer_maker import make_processor, make_tokenizer, special_token_ids
 
 MARKER = "splitvlm-model.json"  # written last; marks a directory as make-model output
 
@@ -127,7 +127,7 @@ def make_model(arch: str, out: str, seed: int = 0, device: str = "cpu") -> str:
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     ids = special_token_ids(tokenizer)
     if arch == "tiny":
-        from splitvlm.core.tiny_init import init_sensitive
+        from splitvlm.tools.tiny_init import init_sensitive
 
         init_sensitive(model, seed, sorted(set(ids.values())))
     else:

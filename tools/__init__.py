@@ -1,0 +1,1 @@
+"""Tools beside the command line: the demo, model making and sample images; may use every stage."""
