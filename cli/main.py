@@ -9,7 +9,7 @@ import warnings
 import click
 
 from splitvlm.cli import decode_cmd, demo_cmd, encode_cmd, env_cmd, model_cmd, store_cmd, verify_cmd
-from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.errors import SplitVLMError, first_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,7 +32,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       0  all done
       1  error: the run could not do what was asked (one `error:` line)
       2  usage error: a bad option or argument, refused before any work
-      3  some inputs or jobs failed, the rest were done
+      3  some inputs, jobs or entries failed, the rest were done
       4  a mismatch found: verify not identical, or a decode spot check differs
 
     --debug (before or after the command) shows full tracebacks.
@@ -86,8 +86,9 @@ def main() -> None:
     except Exception as exc:  # from vLLM, torch or the OS: one line, the traceback with --debug
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        reason = first_line(exc)
+        what = reason if reason == type(exc).__name__ else f"{type(exc).__name__}: {reason}"
+        click.echo(f"error: {what} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from splitvlm.core.config import Config
-from splitvlm.core.errors import EngineStartError, SplitVLMError
+from splitvlm.core.errors import EngineStartError, SplitVLMError, whole_line
 from splitvlm.core.profiles import Profile, get_profile
 
 ARCH = "SplitVLMQwen2VL"
@@ -123,10 +123,9 @@ class Engine:
             self.llm = LLM(**kwargs)
         except Exception as exc:
             mode = "encoder-only" if encoder_only else "full"
-            reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:500]
             hint = "; try --full-engine" if encoder_only else ""
             raise EngineStartError(
-                f"vLLM could not start the {mode} engine for {cfg.model} ({type(exc).__name__}: {reason}){hint}"
+                f"vLLM could not start the {mode} engine for {cfg.model} ({type(exc).__name__}: {whole_line(exc)}){hint}"
             ) from exc
         self.model_config = self.llm.llm_engine.model_config
         hf_config = self.model_config.hf_config

@@ -11,7 +11,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from splitvlm.core.config import Config
-from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.errors import SplitVLMError, whole_line
 from splitvlm.core.images import read_image_bytes
 from splitvlm.core.lock import EntryCheck
 from splitvlm.core.provenance import KeyMaker, explain_misses
@@ -244,9 +244,8 @@ class Decoder:
             try:
                 outputs = self.engine.generate(prompts, params)
             except Exception as exc:  # vLLM refused the batch: its jobs fail, the other batches run
-                reason = " ".join(str(exc).split())[:300]
                 for i in slots:
-                    errors[i] = f"job {jobs[i].id}: vLLM refused its batch ({type(exc).__name__}: {reason})"
+                    errors[i] = f"job {jobs[i].id}: vLLM refused its batch ({type(exc).__name__}: {whole_line(exc, 300)})"
                 slots, outputs = [], []
             for i, output in zip(slots, outputs, strict=True):
                 done[i] = result_from_output(jobs[i], output, keys[i])

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from splitvlm.core.config import Config
-from splitvlm.core.errors import EngineStartError, SplitVLMError
+from splitvlm.core.errors import EngineStartError, SplitVLMError, first_line
 from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
 from splitvlm.core.lock import check_lock
 from splitvlm.core.provenance import KeyMaker
@@ -189,8 +189,7 @@ class Encoder:
         except SplitVLMError as exc:
             return "failed", path, str(exc)
         except Exception as exc:  # the processor's own refusal of an image
-            reason = str(exc).splitlines()[0] if str(exc) else ""
-            return "failed", path, f"{path}: cannot preprocess ({type(exc).__name__}: {reason})"
+            return "failed", path, f"{path}: cannot preprocess ({type(exc).__name__}: {first_line(exc)})"
 
     def _loaded(self, paths: list[str], store: EmbeddingStore) -> Iterator[Prepared | tuple[str, str, str]]:
         """_load on loader threads, in input order, a bounded window ahead of the tower."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
+from splitvlm.core.errors import first_line
 from splitvlm.store.env import LOCK_FILE
 from splitvlm.store.errors import StoreError
 from splitvlm.store.store import EmbeddingStore
@@ -125,7 +126,7 @@ def _copy(store: EmbeddingStore, folder: str, like: str) -> tuple[int, int]:
     try:
         store.env.copy(folder, compact=True)
     except lmdb.Error as exc:
-        raise StoreError(f"{folder}: compacting copy failed ({str(exc).strip().splitlines()[0]})") from None
+        raise StoreError(f"{folder}: compacting copy failed ({first_line(exc)})") from None
     shutil.copymode(like, folder)
     shutil.copymode(os.path.join(like, DATA_FILE), os.path.join(folder, DATA_FILE))
     lock = os.path.join(folder, LOCK_FILE)  # empty, with the old one's mode: LMDB fills it on first open

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
+from splitvlm.core.errors import first_line
 from splitvlm.store.blob import Blob, raw_bytes, read_header, safetensors_blob, tensor_views
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
@@ -124,11 +125,6 @@ def encode_entry(entry: Entry) -> Blob:
     return safetensors_blob([("image_grid_thw", grid), ("image_embeds", embeds)], meta)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def checked_meta(key: str, header: dict) -> dict[str, str]:
     """The metadata of a parsed header, after its own checksum and the key it was stored for."""
     meta = header["__metadata__"]
@@ -153,12 +149,12 @@ def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect |
     try:
         header = read_header(blob)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{key}: unreadable safetensors header ({_first_line(exc)})") from None
+        raise StoreError(f"{key}: unreadable safetensors header ({first_line(exc)})") from None
     meta = checked_meta(key, header)
     try:
         tensors = tensor_views(header, blob)
     except Exception as exc:  # whatever a damaged header makes of the tensor table
-        raise StoreError(f"{key}: unreadable tensors ({_first_line(exc)})") from None
+        raise StoreError(f"{key}: unreadable tensors ({first_line(exc)})") from None
     if set(tensors) != TENSOR_NAMES:
         raise StoreError(f"{key}: tensors {sorted(tensors)}, expected {sorted(TENSOR_NAMES)}")
     embeds, grid = tensors["image_embeds"], tensors["image_grid_thw"]

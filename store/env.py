@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import lmdb
 
+from splitvlm.core.errors import first_line
 from splitvlm.store.errors import StoreError
 
 EMBEDDINGS_DB = b"embeddings"
@@ -37,15 +38,10 @@ _registry_pid = os.getpid()
 _inherited: set[str] = set()  # paths the parent had open when this process forked
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _reason(exc: lmdb.Error) -> str:
     """What went wrong, without the path lmdb puts in front (our messages name it already)."""
     reason = getattr(exc, "reason", None)
-    return reason if isinstance(reason, str) and reason else _one_line(exc)
+    return reason if isinstance(reason, str) and reason else first_line(exc)
 
 
 def _writable(path: str) -> bool:
@@ -183,7 +179,7 @@ class SharedEnv:
                 except lmdb.MapFullError:
                     pass
                 except lmdb.Error as exc:
-                    raise StoreError(f"{self.path}: write failed ({_one_line(exc)})") from None
+                    raise StoreError(f"{self.path}: write failed ({first_line(exc)})") from None
                 finally:
                     txn.abort()  # no-op after a commit
                     self._leave()
