@@ -9,7 +9,13 @@ from typing import TextIO
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config, missing_encoder
+from splitvlm.cli.options import (
+    check_writable,
+    default,
+    engine_options,
+    make_config,
+    missing_encoder,
+)
 
 
 def end_to_end_runner(decoder):
@@ -63,12 +69,12 @@ def finished_lines(path: str) -> tuple[set[str], int]:
                    "Checked before any work.")
 @click.option("--resume", is_flag=True,
               help="Keep the complete lines already in --out, skip their job ids and append the other jobs.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=default("max_tokens"), show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--limit-images", type=click.IntRange(min=1), default=8, show_default=True, help="Most images in one job.")
-@click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default="error", show_default=True,
+@click.option("--limit-images", type=click.IntRange(min=1), default=default("max_images_per_prompt"), show_default=True, help="Most images in one job.")
+@click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default=default("on_missing"), show_default=True,
               help="Images not in the store: stop before generating, encode them first, or skip those jobs.")
-@click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--batch-jobs", type=click.IntRange(min=1), default=default("batch_jobs"), show_default=True,
               help="Jobs handed to vLLM at once; their lines are written when the batch is done.")
 @click.option("--cache", is_flag=True,
               help="Answer jobs decoded before (same embeddings, prompt, settings and versions) from the store's "

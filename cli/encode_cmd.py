@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config
+from splitvlm.cli.options import check_writable, default, engine_options, make_config
 
 
 @click.command("encode")
 @engine_options
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
-@click.option("--batch-patches", type=click.IntRange(min=1), default=16384, show_default=True, help="Vision tower budget per step, in patches.")
-@click.option("--loader-threads", type=click.IntRange(min=1), default=4, show_default=True, help="Threads that read and preprocess images.")
+@click.option("--batch-patches", type=click.IntRange(min=1), default=default("batch_patches"), show_default=True, help="Vision tower budget per step, in patches.")
+@click.option("--loader-threads", type=click.IntRange(min=1), default=default("loader_threads"), show_default=True, help="Threads that read and preprocess images.")
 @click.option("--full-engine", is_flag=True,
               help="Start vLLM with the language model and a KV cache too (default: the vision tower alone, "
                    "vLLM's mm_encoder_only mode).")

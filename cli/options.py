@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def default(name: str):
+    """Config's default for a field: CLI defaults live in one place, the dataclass."""
+    return Config.__dataclass_fields__[name].default
+
+
 def engine_options(f: Callable) -> Callable:
     options = [
         click.option("--model", required=True, help="Local checkpoint directory or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)."),
@@ -26,7 +31,7 @@ def engine_options(f: Callable) -> Callable:
                      help="exact: settings under which split == end-to-end holds; fast: vLLM defaults."),
         click.option("--min-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's min_pixels."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's max_pixels."),
-        click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True, help="Model dtype."),
+        click.option("--dtype", type=click.Choice(DTYPES), default=default("dtype"), show_default=True, help="Model dtype."),
         click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="vLLM max_model_len (default: the model's)."),
         click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="vLLM memory share (default 0.3 CPU, 0.85 GPU)."),

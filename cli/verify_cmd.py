@@ -6,14 +6,20 @@ import sys
 
 import click
 
-from splitvlm.cli.options import check_writable, engine_options, make_config, missing_encoder
+from splitvlm.cli.options import (
+    check_writable,
+    default,
+    engine_options,
+    make_config,
+    missing_encoder,
+)
 
 
 @click.command("verify")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False), help="JSONL jobs, as for decode.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=default("max_tokens"), show_default=True)
 @click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default="encode", show_default=True,
               help="Images not in the store: stop, encode them first, or skip those jobs.")
 @click.option("--batch-jobs", type=click.IntRange(min=1), default=256, show_default=True, help="Jobs handed to vLLM at once, in both paths.")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitvlm.core.errors import SplitVLMError
+from splitvlm.store.key import is_key
 
-KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 UPPER_KEY_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -42,7 +42,7 @@ def _image_ref(part: dict, where: str) -> str:
 
 
 def _checked_ref(ref: str, where: str) -> str:
-    if UPPER_KEY_RE.match(ref) and not KEY_RE.match(ref) and not Path(ref).exists():
+    if UPPER_KEY_RE.match(ref) and not is_key(ref) and not Path(ref).exists():
         raise JobError(f"{where}: {ref[:16]}… looks like a store key, but keys are lowercase hex")
     return ref
 
@@ -137,7 +137,7 @@ def read_jobs(path: str) -> list[Job]:
         if job.id in ids:  # the failed line of a duplicate, or a failed line whose id repeats
             job.id = f"line {n}"
         ids.add(job.id)
-        job.images = [ref if is_key(ref) or Path(ref).is_absolute() else str(p.parent / ref) for ref in job.images]
+        job.images = [ref if names_a_key(ref) or Path(ref).is_absolute() else str(p.parent / ref) for ref in job.images]
         jobs.append(job)
     return jobs
 
@@ -148,8 +148,9 @@ def _failed(obj: object, n: int, error: str) -> Job:
     return Job(str(job_id) if ok else f"line {n}", [], [], error=error)
 
 
-def is_key(ref: str) -> bool:
-    return bool(KEY_RE.match(ref)) and not Path(ref).exists()
+def names_a_key(ref: str) -> bool:
+    """A job's image reference that is a store key (store.key.is_key) and not an existing file of that name."""
+    return is_key(ref) and not Path(ref).exists()
 
 
 def build_prompt(tokenizer, job: Job) -> str:

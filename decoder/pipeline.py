@@ -21,7 +21,7 @@ from splitvlm.decoder.cache import (
     prompt_token_ids,
     standalone_tokenizer,
 )
-from splitvlm.decoder.jobs import Job, build_prompt, is_key
+from splitvlm.decoder.jobs import Job, build_prompt, names_a_key
 from splitvlm.decoder.results import (
     OUTPUT_FIELDS,
     DecodeStats,
@@ -98,7 +98,7 @@ class Decoder:
                         f"{self.cfg.max_images_per_prompt} (--limit-images)")
         keys = []
         for ref in job.images:
-            if is_key(ref):
+            if names_a_key(ref):
                 keys.append(ref)
                 continue
             try:
@@ -126,7 +126,7 @@ class Decoder:
             raise SplitVLMError(f"{len(missing)} image(s) not in the store: {listed} "
                                 "(encode them first, or use --on-missing encode|skip)")
         if self.cfg.on_missing == "encode":
-            unencodable = [ref for _, ref in missing.values() if is_key(ref)]
+            unencodable = [ref for _, ref in missing.values() if names_a_key(ref)]
             if unencodable:
                 raise SplitVLMError(f"cannot encode keys that are not in the store: {', '.join(unencodable)}")
             assert self.encode_missing is not None  # refused in __init__ otherwise
@@ -144,7 +144,7 @@ class Decoder:
         """For image files not in the store: the same image stored under which other settings (one header pass)."""
         wanted = {}
         for ref in refs:
-            if not is_key(ref):
+            if not names_a_key(ref):
                 with contextlib.suppress(SplitVLMError):
                     wanted[ref] = image_digest(read_image_bytes(ref))
         return explain_misses(self.keys.provenance, wanted, store.metas()) if wanted else {}

@@ -52,7 +52,7 @@ def jobs(images, tmp_path):
 def test_python_dash_m_help_lists_the_exit_statuses():
     out = splitvlm("--help")
     assert out.returncode == 0 and out.stdout.startswith("Usage: python -m splitvlm"), out.stderr
-    for row in ("0  all done", "1  error", "2  usage error", "3  some inputs or jobs failed", "4  a mismatch found"):
+    for row in ("0  all done", "1  error", "2  usage error", "3  some inputs, jobs or entries failed", "4  a mismatch found"):
         assert row in out.stdout
 
 

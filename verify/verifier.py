@@ -23,7 +23,7 @@ from splitvlm.decoder import (
     Result,
     build_prompt,
     first_difference,
-    is_key,
+    names_a_key,
     result_from_output,
     vllm_prompt,
 )
@@ -112,7 +112,7 @@ class Verifier:
 
     def _source(self, ref: str, key: str, store: EmbeddingStore, entry=None) -> str:
         """The image file behind a job's image: its path, or a stored entry's source with the same key."""
-        if not is_key(ref):
+        if not names_a_key(ref):
             return ref
         source = (entry or store.get(key)).meta.get("source", "")
         if source and Path(source).is_file() and self.decoder.keys(Path(source).read_bytes()) == key:
