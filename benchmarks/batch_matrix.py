@@ -1,7 +1,7 @@
 """Batch-invariance matrix through splitvlm's Decoder: batch 1, 8, 256, 1024 and shuffled, in one engine.
 
 python -m benchmarks.batch_matrix --model DIR --store S --jobs jobs.jsonl --out matrix.json
-    [--sample 32] [--max-tokens 32] [--kv-cache-memory-bytes N] [--save-outputs batch_256.jsonl]
+    [--sample 32] [--max-tokens 32] [--kv-cache-memory-bytes N] [--gpu-memory-utilization F] [--save-outputs batch_256.jsonl]
 
 Every output is compared with batch 256 (token ids and text bytes). Batch 1 runs a sample of
 the jobs, batch 8 the first 256, the others all of them. --save-outputs writes batch 256's
@@ -27,7 +27,8 @@ def outputs(results) -> dict[str, tuple]:
     return {r.id: (tuple(r.token_ids), r.text, r.error) for r in results}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (gpu_check builds its lane from it; a test checks they agree)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--store", required=True)
@@ -37,13 +38,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--profile", default="exact")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--save-outputs", help="Write batch 256's results here as JSONL.")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     jobs = read_jobs(args.jobs)
     cfg = Config(model=args.model, store=args.store, profile=args.profile, max_tokens=args.max_tokens,
-                 kv_cache_memory_bytes=args.kv_cache_memory_bytes, show_progress=False)
+                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                 gpu_memory_utilization=args.gpu_memory_utilization, show_progress=False)
     t0 = time.perf_counter()
     decoder = Decoder(cfg)
     engine = decoder.engine

@@ -97,7 +97,7 @@ def same_outputs(a: list[dict], b: list[dict]) -> int:
                and x.get("error") is None for x, y in zip(a, b))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="qwen2-vl-2b")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="Where make-model draws the weights.")
@@ -119,7 +119,7 @@ def parse_args() -> argparse.Namespace:
                     help="--gpu-memory-utilization of each lane's engine: vLLM refuses to start unless that share "
                          "of the GPU is free, whatever the KV cache size.")
     ap.add_argument("--no-limits", action="store_true", help="Skip the wall-time limits (for CPU smoke runs).")
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def encode_steps(c: Check, common: list[str], corpus) -> None:
@@ -183,13 +183,16 @@ def lane_verify(c: Check, common: list[str], jobs: list[str], njobs: int) -> Non
             embeddings=f"{v.get('embeddings_identical')}/{v.get('embeddings_checked')}")
 
 
+def matrix_argv(args: argparse.Namespace, work: Path, jobs: list[str]) -> list[str]:
+    """benchmarks.batch_matrix's command line for lane c (tests/test_benchmarks.py parses it with its parser)."""
+    return ["--model", str(work / "model"), "--store", str(work / "store"), *jobs, "--sample", str(args.sample),
+            "--kv-cache-memory-bytes", str(args.lane_kv_bytes), "--gpu-memory-utilization", str(args.lane_memory),
+            "--save-outputs", str(work / "batch_256.jsonl"), "--out", str(work / "matrix.json")]
+
+
 def lane_matrix(c: Check, _common: list[str], jobs: list[str], njobs: int) -> None:
     w = c.work
-    rc = c.run("batch_matrix", ["--model", str(w / "model"), "--store", str(w / "store"), *jobs,
-                                "--sample", str(c.args.sample), "--kv-cache-memory-bytes", str(c.args.lane_kv_bytes),
-                                "--gpu-memory-utilization", str(c.args.lane_memory),
-                                "--save-outputs", str(w / "batch_256.jsonl"), "--out", str(w / "matrix.json")],
-               module="benchmarks.batch_matrix")
+    rc = c.run("batch_matrix", matrix_argv(c.args, w, jobs), module="benchmarks.batch_matrix")
     m = load(w / "matrix.json")
     c.report["batch_matrix"] = {k: m.get(k) for k in ("settings", "engine", "ok")}
     c.check("batch_matrix", rc == 0 and m.get("ok") is True and m.get("settings", {}).get("batch_256", {}).get("jobs") == njobs,

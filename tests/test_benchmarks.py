@@ -84,3 +84,14 @@ def test_cache_report(results):
     report = read(results, "bench_cache")
     assert report["identical"] and report["results"]["cache_warm"]["cached"] == report["jobs"]
     assert not report["results"]["cache_warm_no_engine"]["engine_started"]
+
+
+def test_gpu_check_lane_c_speaks_batch_matrix_s_command_line(tmp_path):
+    """The batch-matrix lane's arguments parse with batch_matrix's own parser (a mismatch cost a GPU run)."""
+    from benchmarks import batch_matrix, gpu_check
+
+    args = gpu_check.parse_args([])
+    argv = gpu_check.matrix_argv(args, tmp_path, ["--jobs", str(tmp_path / "j.jsonl"), "--max-tokens", "32"])
+    parsed = batch_matrix.parser().parse_args(argv)
+    assert parsed.gpu_memory_utilization == args.lane_memory and parsed.kv_cache_memory_bytes == args.lane_kv_bytes
+    assert parsed.save_outputs == str(tmp_path / "batch_256.jsonl")
