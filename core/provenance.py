@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 from splitvlm.core.config import Config
 from splitvlm.core.identity import model_fingerprint, model_id, preprocess_identity
-from splitvlm.store.key import KEY_VERSION, canonical_json, image_digest, key_from_digest
+from splitvlm.store.key import (
+    KEY_VERSION,
+    canonical_json,
+    has_old_key,
+    image_digest,
+    key_from_digest,
+)
 
 KEY_FIELDS = ("model_fingerprint", "preprocess", "profile", "dtype")
 
@@ -82,7 +88,7 @@ def explain_misses(provenance: Provenance, wanted: dict[str, bytes], metas: Iter
     why: dict[str, str] = {}
     old = 0
     for key, meta in metas:
-        if meta.get("key_version") != KEY_VERSION.decode():
+        if has_old_key(meta):
             old += 1
             continue
         name = by_digest.get(meta.get("image_blake3", ""))

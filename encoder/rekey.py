@@ -10,7 +10,7 @@ from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import read_image_bytes
 from splitvlm.core.provenance import Provenance
 from splitvlm.store import EmbeddingStore, Entry
-from splitvlm.store.key import KEY_VERSION, image_digest, make_key_v1
+from splitvlm.store.key import has_old_key, image_digest, make_key_v1
 
 BATCH = 64
 
@@ -51,7 +51,7 @@ def rekey(cfg: Config) -> RekeyStats:
     with EmbeddingStore(cfg.store) as store:
         old = []
         for key, meta in store.metas():
-            if meta.get("key_version") == KEY_VERSION.decode() or "model_fingerprint" not in meta:
+            if not has_old_key(meta):
                 stats.current += 1  # this version's key, or not an encoder's entry (no fingerprint to rekey by)
             else:
                 old.append((key, meta))

@@ -88,5 +88,10 @@ def make_key_v1(image_bytes: bytes, *, model_id: str, model_fingerprint: str, pr
     return h.hexdigest()
 
 
+def has_old_key(meta: dict) -> bool:
+    """An encoder's entry (it records a model fingerprint) stored under a key of an older version."""
+    return "model_fingerprint" in meta and meta.get("key_version") != KEY_VERSION.decode()
+
+
 def is_key(text: str) -> bool:
     return len(text) == KEY_HEX_LENGTH and all(c in "0123456789abcdef" for c in text)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from splitvlm.store.blob import read_header
 from splitvlm.store.entry import Expect, decode_blob, describe
 from splitvlm.store.errors import StoreError
-from splitvlm.store.key import KEY_VERSION, is_key
+from splitvlm.store.key import has_old_key, is_key
 
 if TYPE_CHECKING:
     from splitvlm.store.store import EmbeddingStore
@@ -49,8 +49,7 @@ def key_and_meta(key: str, value: memoryview) -> tuple[str, dict]:
 
 def old_keys(store: EmbeddingStore) -> int:
     """Encoder entries (they record a model fingerprint) whose key is of an older version than this code makes."""
-    current = KEY_VERSION.decode()
-    return sum("model_fingerprint" in meta and meta.get("key_version") != current for _, meta in store.metas())
+    return sum(has_old_key(meta) for _, meta in store.metas())
 
 
 def header_or_error(key: str, value: memoryview) -> dict:
