@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,8 @@ class Check:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=self.args.step_timeout).returncode
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=self.args.step_timeout,
+                                    env=lane_env()).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
         seconds = time.perf_counter() - t0
@@ -75,6 +77,14 @@ class Check:
             self.report["checks"][name] = {"ok": bool(ok), **facts}
         print(f"  {'ok ' if ok else 'FAIL'} {name} {json.dumps(facts, ensure_ascii=False)[:300]}", flush=True)
         self.save()
+
+
+def lane_env() -> dict[str, str]:
+    """Each step's environment: torch's CPU threads capped, because three lanes share the host and
+    vLLM runs inside splitvlm's process, where it leaves torch at one thread per core. In the run
+    at 260579e, uncapped, every lane ran 2-5x slower than alone and the check ran out of time."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 4) // 4))
+    return {**os.environ, "OMP_NUM_THREADS": threads}
 
 
 def git(*args: str) -> str:
@@ -211,6 +221,7 @@ def main() -> None:
     model, store = str(w / "model"), str(w / "store")
     rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
     c.report["environment"] = load(w / "lock.json").get("environment", {}) if (w / "lock.json").exists() else {}
+    c.report["lane_omp_threads"] = lane_env()["OMP_NUM_THREADS"]
     c.check("env_lock", rc == 0)
     rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
     c.check("make_model", rc == 0, arch=args.arch)
