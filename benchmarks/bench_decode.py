@@ -32,7 +32,7 @@ from splitvlm.core.config import Config
 from splitvlm.core.images import load_image
 from splitvlm.decoder.jobs import Job, build_prompt
 from splitvlm.decoder.pipeline import embeds_input, vllm_prompt
-from splitvlm.store import EmbeddingStore, Expect
+from splitvlm.store import EmbeddingStore
 from splitvlm.tools.samples import PROMPTS
 
 GOAL_SHORT = 5.0  # store vs end-to-end requests/s, at up to 64 output tokens
@@ -84,7 +84,7 @@ def end_to_end(engine, jobs: list[Job], params) -> tuple[float, int]:
 def from_store(engine, jobs: list[Job], keys: list[list[str]], store: EmbeddingStore, params) -> tuple[float, int]:
     """Stored embeddings (read and checked) through vLLM; (seconds, output tokens)."""
     tokenizer = engine.tokenizer()
-    expect = Expect(engine.hidden_size, engine.dtype, engine.merge_size)
+    expect = engine.expect()
     t0 = time.perf_counter()
     prompts = [vllm_prompt(build_prompt(tokenizer, job), embeds_input(store.get_many(job_keys, expect=expect)))
                for job, job_keys in zip(jobs, keys, strict=True)]

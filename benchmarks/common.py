@@ -69,12 +69,15 @@ class VisionShape:
         if root is None or not (root / "config.json").is_file():
             raise SplitVLMError(f"{model}: no local config.json to read the vision tower's shape from")
         vc = json.loads((root / "config.json").read_text())["vision_config"]
+        # Qwen2-VL names the tower's width embed_dim and its output hidden_size; Qwen2.5-VL and
+        # Qwen3-VL name them hidden_size and out_hidden_size, with an intermediate_size for the MLP.
+        embed = int(vc.get("embed_dim") or vc["hidden_size"])
         return cls(
             depth=int(vc["depth"]),
-            embed_dim=int(vc["embed_dim"]),
-            mlp_ratio=float(vc.get("mlp_ratio", 4)),
+            embed_dim=embed,
+            mlp_ratio=float(vc.get("mlp_ratio") or vc.get("intermediate_size", 4 * embed) / embed),
             merge=int(vc.get("spatial_merge_size", 2)),
-            out_hidden=int(vc["hidden_size"]),
+            out_hidden=int(vc.get("out_hidden_size") or vc["hidden_size"]),
             patch=int(vc.get("patch_size", 14)),
             temporal_patch=int(vc.get("temporal_patch_size", 2)),
             channels=int(vc.get("in_channels", vc.get("in_chans", 3))),
@@ -179,7 +182,7 @@ def report_header(name: str, engine, args) -> dict:
         "date": now(),
         "smoke": args.smoke,
         "profile": engine.profile.name,
-        "vision": os.environ.get("SPLITVLM_VISION"),
+        "splitvlm_profile": os.environ.get("SPLITVLM_PROFILE", ""),
         "device": env["device"],
         "vllm": env["vllm"],
         "torch": env["torch"],

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from benchmarks.common import encode_batches
 from splitvlm.core.config import Config
 from splitvlm.core.identity import environment
+from splitvlm.core.profiles import settings_from
 from splitvlm.tools.samples import PROMPTS, synthetic_image
 
 
@@ -74,8 +76,8 @@ def main() -> None:
                            max_model_len=4096, max_num_seqs=256))
     report["engine_start_s"] = time.perf_counter() - t0
     report["environment"] = {**environment(), "profile": args.profile,
-                             "vision": os.environ.get("SPLITVLM_VISION"),
-                             "invariant_matmul": os.environ.get("SPLITVLM_INVARIANT_MATMUL", "0")}
+                             "splitvlm_profile": os.environ.get("SPLITVLM_PROFILE", "")}
+    settings = settings_from(report["environment"]["splitvlm_profile"])
     images = [synthetic_image(i, sizes[i % len(sizes)] if sizes else None, seed=1) for i in range(args.images)]
     prepared = [engine.preprocess(im) for im in images]
     patches = sum(int(g.prod()) for _, g in prepared)
@@ -84,15 +86,15 @@ def main() -> None:
     # vision tower: per image vs batched, and timing of each
     tower = {}
     for mode in ("per_image", "batched"):
-        os.environ["SPLITVLM_VISION"] = mode
+        os.environ["SPLITVLM_PROFILE"] = replace(settings, vision=mode).value()
         encode_batches(engine, prepared[:2], args.batch_patches)  # warm-up
         embeds, secs = encode_batches(engine, prepared, args.batch_patches)
         tower[mode] = (embeds, secs)
         report[f"tower_{mode}_images_per_s"] = len(images) / secs
-    os.environ["SPLITVLM_VISION"] = report["environment"]["vision"]
+    os.environ["SPLITVLM_PROFILE"] = settings.value()
     report["tower_batched_equal_per_image"] = sum(
         torch.equal(a, b) for a, b in zip(tower["per_image"][0], tower["batched"][0]))
-    embeds = tower[report["environment"]["vision"]][0]
+    embeds = tower[settings.vision][0]
     save()
 
     tok = engine.tokenizer()

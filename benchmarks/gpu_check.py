@@ -1,6 +1,6 @@
 """The one-call GPU acceptance check: every user-facing step through the real CLI, one JSON verdict.
 
-python -m benchmarks.gpu_check [--arch qwen2-vl-2b] [--device cuda] [--images 264] [--max-tokens 32]
+python -m benchmarks.gpu_check [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--device cuda] [--images 264] [--max-tokens 32]
     [--work /tmp/splitvlm-gpu-check] [--logs DIR] [--out benchmarks/results/gpu_check.json]
 
 Steps: env --lock; make-model; encode (good and bad inputs; exit 2 with exactly the bad ones
@@ -109,7 +109,9 @@ def same_outputs(a: list[dict], b: list[dict]) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--arch", default="qwen2-vl-2b",
+                    help="The make-model architecture checked: qwen2-vl-2b, qwen2.5-vl-3b or qwen3-vl-2b "
+                         "(the tiny ones for CPU smoke runs).")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="Where make-model draws the weights.")
     ap.add_argument("--images", type=int, default=264, help="Good images (the eight bad inputs come on top).")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -120,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "other lanes allocate while it measures.")
     ap.add_argument("--work", default="/tmp/splitvlm-gpu-check")
     ap.add_argument("--logs", help="Where each step's log goes (default WORK/logs).")
-    ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    ap.add_argument("--out", help="The JSON verdict (default benchmarks/results/gpu_check.json for qwen2-vl-2b, "
+                                  "gpu_check_ARCH.json for another --arch).")
     ap.add_argument("--commit", help="The commit being checked, where the tree has no .git (a device copy).")
     ap.add_argument("--step-timeout", type=float, default=420)
     ap.add_argument("--lanes", default="decode,verify,matrix",
@@ -129,7 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="--gpu-memory-utilization of each lane's engine: vLLM refuses to start unless that share "
                          "of the GPU is free, whatever the KV cache size.")
     ap.add_argument("--no-limits", action="store_true", help="Skip the wall-time limits (for CPU smoke runs).")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.arch == "qwen2-vl-2b" else f"_{args.arch}"
+        args.out = f"benchmarks/results/gpu_check{suffix}.json"
+    return args
 
 
 def encode_steps(c: Check, common: list[str], corpus) -> None:

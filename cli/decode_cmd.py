@@ -16,6 +16,7 @@ from splitvlm.cli.options import (
     make_config,
     missing_encoder,
 )
+from splitvlm.core.errors import SplitVLMError
 
 
 def end_to_end_runner(decoder):
@@ -49,9 +50,12 @@ def finished_lines(path: str) -> tuple[set[str], int]:
     for n, line in enumerate(data[:end].splitlines(), 1):
         try:
             result = json.loads(line)
-            ids.add(result["id"])
-            if "text" not in result:  # a job line, say: not a result
-                raise KeyError("text")
+            if "custom_id" in result:  # --output-format openai
+                ids.add(result["custom_id"])
+            else:
+                ids.add(result["id"])
+                if "text" not in result:  # a job line, say: not a result
+                    raise KeyError("text")
         except (ValueError, TypeError, KeyError):
             raise click.ClickException(f"{path}:{n}: not a decode result line; cannot --resume into it") from None
         failed += result.get("error") is not None
@@ -63,7 +67,8 @@ def finished_lines(path: str) -> tuple[set[str], int]:
 @click.command("decode")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"id", "images": [path-or-key], "prompt"} or {"id", "messages": [...]} per line.')
+              help='JSONL: {"id", "images": [path-or-key], "prompt"} or {"id", "messages": [...]} per line, with '
+                   'optional "max_tokens" and "stop"; or OpenAI batch request lines (custom_id, body.messages).')
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="JSONL results, one line per job, in job order, appended batch by batch ('-': standard output). "
                    "Checked before any work.")
@@ -84,8 +89,18 @@ def finished_lines(path: str) -> tuple[set[str], int]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Which jobs the spot check picks.")
 @click.option("--stats-json", type=click.Path(dir_okay=False),
               help="Write the run's figures (and the engine's settings as vLLM reported them) as JSON.")
+@click.option("--vllm-arg", "vllm_args", multiple=True, metavar="NAME=VALUE",
+              help="Another vLLM engine argument, by vLLM's name (repeatable; VALUE is JSON where it parses), e.g. "
+                   "max_num_batched_tokens=8192. Checked before the engine starts; what the exact profile pins is refused.")
+@click.option("--output-format", type=click.Choice(["splitvlm", "openai"]), default="splitvlm", show_default=True,
+              help="Lines of --out: splitvlm's result fields (docs/jobs.md), or the OpenAI batch output format "
+                   "(custom_id, response.body as a chat.completion; splitvlm's fields under body.splitvlm).")
+@click.option("--engine-process", type=click.Choice(["auto", "inprocess", "separate"]), default=default("engine_process"),
+              show_default=True,
+              help="Where vLLM's engine core runs: in its own process as vLLM's default does (separate), or in this one. "
+                   "auto: separate on a GPU. A spot check or --on-missing encode reaches into the model and keeps it here.")
 def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, batch_jobs, cache, spot_check, seed,
-            stats_json, **kw) -> None:
+            stats_json, vllm_args, output_format, engine_process, **kw) -> None:
     """Decode jobs from stored embeddings with greedy sampling in vLLM.
 
     Every output line holds every field (docs/jobs.md, "Output"): id, text, token_ids,
@@ -102,14 +117,23 @@ def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, 
 
     cfg = make_config(**kw)
     cfg = cfg.replace(max_tokens=max_tokens, stop=list(stop), max_images_per_prompt=limit_images,
-                      on_missing=on_missing, batch_jobs=batch_jobs, cache=cache,
+                      on_missing=on_missing, batch_jobs=batch_jobs, cache=cache, engine_process=engine_process,
                       show_progress=cfg.show_progress and sys.stderr.isatty())  # no bars in logs
+    if vllm_args:
+        from splitvlm.core.engine import on_gpu
+        from splitvlm.core.vllm_args import parse_vllm_args
+
+        try:
+            cfg = cfg.replace(vllm_args=parse_vllm_args(vllm_args, cfg.profile, on_gpu()))
+        except SplitVLMError as exc:
+            raise click.BadParameter(str(exc), param_hint="--vllm-arg") from None
     if resume and out == "-":
         raise click.BadParameter("--resume needs a file, not standard output", param_hint="--out")
     check_writable(out, "--out")
     if stats_json:
         check_writable(stats_json, "--stats-json")
-    decoder = Decoder(cfg, encode_missing=missing_encoder(cfg, lambda: decoder.engine))
+    decoder = Decoder(cfg, encode_missing=missing_encoder(cfg, lambda: decoder.engine),
+                      model_access=spot_check > 0 or on_missing == "encode")
     jobs = read_jobs(jobs_path)
     done, failed_before = finished_lines(out) if resume else (set(), 0)
     todo = [job for job in jobs if job.id not in done]
@@ -134,7 +158,8 @@ def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, 
             position += len(results)
             if f is None:  # opened at the first batch: a run refused before any result leaves --out as it was
                 f = open(out, mode, encoding="utf-8")
-            f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results))
+            lines = (r.to_openai(cfg.model) if output_format == "openai" else r.to_json() for r in results)
+            f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
             f.flush()
         if f is None:
             f = open(out, mode, encoding="utf-8")

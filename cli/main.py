@@ -8,7 +8,16 @@ import warnings
 
 import click
 
-from splitvlm.cli import decode_cmd, demo_cmd, encode_cmd, env_cmd, model_cmd, store_cmd, verify_cmd
+from splitvlm.cli import (
+    decode_cmd,
+    demo_cmd,
+    encode_cmd,
+    env_cmd,
+    model_cmd,
+    serve_cmd,
+    store_cmd,
+    verify_cmd,
+)
 from splitvlm.core.errors import SplitVLMError, first_line
 
 
@@ -48,7 +57,7 @@ def accept_debug(command: click.Command) -> None:
         accept_debug(sub)
 
 
-for module in (encode_cmd, decode_cmd, verify_cmd, store_cmd, demo_cmd, model_cmd, env_cmd):
+for module in (encode_cmd, decode_cmd, verify_cmd, serve_cmd, store_cmd, demo_cmd, model_cmd, env_cmd):
     accept_debug(module.command)
     cli.add_command(module.command)
 

@@ -1,4 +1,4 @@
-"""`splitvlm make-model`: write a local random-weight Qwen2-VL checkpoint."""
+"""`splitvlm make-model`: write a local random-weight Qwen-VL checkpoint."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from splitvlm.tools.make_model import ARCHS
     type=click.Choice(list(ARCHS)),
     default="tiny",
     show_default=True,
-    help="tiny: a ~0.5M-parameter model for CPU tests, built in seconds, whose output reacts to "
-    "its input; qwen2-vl-2b: the real Qwen2-VL-2B-Instruct architecture (build it on a GPU).",
+    help="tiny (Qwen2-VL), tiny-qwen2.5-vl, tiny-qwen3-vl: models of under 1M parameters for CPU "
+    "tests, built in seconds, whose output reacts to its input; qwen2-vl-2b, qwen2.5-vl-3b, "
+    "qwen3-vl-2b: the real Instruct models' architectures (build them on a GPU).",
 )
 @click.option(
     "--out",
@@ -30,10 +31,10 @@ from splitvlm.tools.make_model import ARCHS
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="Where the weights are drawn (cuda makes the 2B architecture in seconds).",
+    help="Where the weights are drawn (cuda makes the real architectures in seconds).",
 )
 def command(arch: str, out: Path, seed: int, device: str) -> None:
-    """Write a complete Qwen2-VL checkpoint with random weights and a synthetic tokenizer.
+    """Write a complete Qwen-VL checkpoint with random weights and a synthetic tokenizer.
 
     The directory holds config.json, model.safetensors, tokenizer and processor files and
     the chat template; vLLM and transformers load it offline. No model hub is needed.
@@ -42,6 +43,7 @@ def command(arch: str, out: Path, seed: int, device: str) -> None:
     Examples:
       splitvlm make-model --arch tiny --out models/tiny
       splitvlm make-model --arch qwen2-vl-2b --out models/2b --device cuda
+      splitvlm make-model --arch qwen3-vl-2b --out models/qwen3-2b --device cuda
     """
     from splitvlm.tools.make_model import human_count, make_model, read_marker
 

@@ -33,6 +33,8 @@ class Config:
     show_progress: bool = True
     cache: bool = False  # decode: answer repeated jobs from the store's "results" database
     lock: str | None = None  # a lock file from `splitvlm env --lock`: refuse other environments
+    vllm_args: dict = field(default_factory=dict)  # more engine arguments, vLLM's names (core.vllm_args)
+    engine_process: str = "auto"  # auto | inprocess | separate: where vLLM's engine core runs (Engine)
 
     def replace(self, **changes) -> Config:
         return replace(self, **changes)

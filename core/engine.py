@@ -12,10 +12,12 @@ import torch
 
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, whole_line
-from splitvlm.core.profiles import Profile, get_profile
+from splitvlm.core.plugin import VARIABLE
+from splitvlm.core.profiles import Profile, get_profile, settings_from
 
-ARCH = "SplitVLMQwen2VL"
+ENGINE_PROCESS = ("auto", "inprocess", "separate")
 _process_env: dict[str, str] | None = None
+_engine_process: str | None = None  # "inprocess" or "separate", once an engine was started here
 _starts = 0  # vLLM engines this process has tried to start (an encode run may start at most one)
 
 
@@ -41,23 +43,48 @@ def _runner_env(gpu: bool, encoder_only: bool) -> dict[str, str]:
     return {"VLLM_USE_V2_MODEL_RUNNER": "0"} if gpu and encoder_only else {}
 
 
-def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False) -> None:
-    """Set the environment vLLM reads once per process; a second, different profile is refused."""
-    global _process_env
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **profile.env(gpu), **_runner_env(gpu, encoder_only)}
-    for name in env:  # SPLITVLM_* knobs already set by the user win (experiments, benchmarks)
-        if name.startswith("SPLITVLM_") and name in os.environ:
-            env[name] = os.environ[name]
+def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False, separate: bool | None = None) -> None:
+    """Set the environment vLLM reads once per process; a second, different profile is refused.
+
+    separate: vLLM's engine core in its own process (vLLM's default) or in this one; None for a
+    process that only needs the profile's environment (a tokenizer), not an engine."""
+    global _process_env, _engine_process
+    env = {**profile.env(gpu), **_runner_env(gpu, encoder_only)}
+    given = os.environ.get(VARIABLE)  # the user's, for an experiment, or this process's earlier value
+    if given and settings_from(given).profile == profile.name:
+        env[VARIABLE] = given  # its overrides win
+    elif given and _process_env is None:
+        raise SplitVLMError(f"{VARIABLE}={given!r} names another profile than --profile {profile.name}")
     if _process_env is not None and _process_env != env:
         raise SplitVLMError(
             f"this process already runs vLLM with profile settings {_process_env}; "
             f"profile {profile.name!r} needs a new process"
         )
+    if separate is not None:
+        mode = "separate" if separate else "inprocess"
+        if _engine_process not in (None, mode):  # an engine core here caches vLLM's environment
+            raise SplitVLMError(f"this process already started an engine {_engine_process}; "
+                                f"an engine {mode} needs a new process")
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+        _engine_process = mode
     if not gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # splitvlm prints its own progress
     os.environ.update(env)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     _process_env = env
+
+
+def separate_process(cfg: Config, gpu: bool, encoder_only: bool, model_access: bool) -> bool:
+    """Whether vLLM's engine core runs in its own process. cfg.engine_process "auto": on a GPU,
+    when nothing reaches into the model; in this process on the CPU, where the tests compare
+    against in-process engines and the engine core's own thread binding could change bytes."""
+    choice = cfg.engine_process
+    if choice not in ENGINE_PROCESS:
+        raise SplitVLMError(f"--engine-process must be one of {', '.join(ENGINE_PROCESS)}, not {choice!r}")
+    if encoder_only or model_access:
+        return False
+    return gpu if choice == "auto" else choice == "separate"
 
 
 def prepare_process(profile_name: str) -> None:
@@ -65,12 +92,46 @@ def prepare_process(profile_name: str) -> None:
     _prepare_process(get_profile(profile_name), on_gpu())
 
 
+def engine_args(cfg: Config, split_arch: str, gpu: bool, encoder_only: bool = False) -> dict[str, Any]:
+    """vLLM's engine arguments for a config under its profile: the one place they are built
+    (Engine passes them to vLLM's LLM, `splitvlm serve` to vLLM's OpenAI server)."""
+    kwargs: dict[str, Any] = dict(
+        model=cfg.model,
+        hf_overrides={"architectures": [split_arch]},
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        enable_mm_embeds=True,
+        limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+        max_num_seqs=cfg.max_num_seqs,
+        gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if gpu else 0.3),
+        enforce_eager=Engine._eager(cfg, encoder_only),
+        use_tqdm_on_load=show_bars(cfg.show_progress),  # vLLM's own load and graph-capture bars
+    )
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.kv_cache_memory_bytes and not encoder_only:
+        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    if cfg.mm_processor_kwargs:
+        kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
+    kwargs.update(get_profile(cfg.profile).engine_kwargs(gpu))
+    kwargs.update(cfg.vllm_args)  # checked by core.vllm_args.parse_vllm_args: none is pinned by the profile
+    if encoder_only:
+        # splitvlm sizes the tower's batches itself (--batch-patches), so vLLM's dummy run of
+        # the largest possible image, which only sizes a KV cache this engine does not have, is skipped.
+        kwargs["mm_encoder_only"] = True
+        kwargs["skip_mm_profiling"] = True
+    return kwargs
+
+
 class Engine:
     """A vLLM engine for Qwen2-VL under a splitvlm profile: preprocess, encode, generate."""
 
-    def __init__(self, cfg: Config, encoder_only: bool = False):
+    def __init__(self, cfg: Config, encoder_only: bool = False, model_access: bool = True):
         """encoder_only: vLLM's mm_encoder_only mode, the vision tower alone (no language model
         weights, no KV cache), always eager; preprocess and encode work, generate does not.
+
+        model_access=False: nothing will reach into the model (encode, recording), so vLLM's
+        engine core may run in its own process, as vLLM's default does (see engine_process).
 
         Raises EngineStartError, with vLLM's reason on one line, when vLLM cannot start."""
         global _starts
@@ -78,45 +139,20 @@ class Engine:
         self.encoder_only = encoder_only
         self.profile = get_profile(cfg.profile)
         self.gpu = on_gpu()
-        _prepare_process(self.profile, self.gpu, encoder_only)
+        self.separate = separate_process(cfg, self.gpu, encoder_only, model_access)
+        _prepare_process(self.profile, self.gpu, encoder_only, self.separate)
         try:
-            from vllm import LLM, ModelRegistry
+            from vllm import LLM
         except ImportError as exc:
             raise SplitVLMError(f"vLLM is not installed ({exc}); run `make setup` or pip install 'splitvlm[gpu]'") from None
+        from splitvlm.core.families import family_of_model
+        from splitvlm.core.plugin import register
 
-        from splitvlm.core.model import SplitQwen2VL
-
-        # The class itself, not "module:Class": vLLM inspects a class named by string in a fresh
-        # subprocess, which cost ~20 s of every engine start on the H200.
-        ModelRegistry.register_model(ARCH, SplitQwen2VL)
-        if os.environ.get("SPLITVLM_INVARIANT_MATMUL") == "1":
-            from splitvlm.core.invariance import enable_invariant_matmul
-
-            enable_invariant_matmul()
-        kwargs: dict[str, Any] = dict(
-            model=cfg.model,
-            hf_overrides={"architectures": [ARCH]},
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            enable_mm_embeds=True,
-            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
-            max_num_seqs=cfg.max_num_seqs,
-            gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if self.gpu else 0.3),
-            enforce_eager=self._eager(cfg, encoder_only),
-            use_tqdm_on_load=show_bars(cfg.show_progress),  # vLLM's own load and graph-capture bars
-        )
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        if cfg.kv_cache_memory_bytes and not encoder_only:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
-        if cfg.mm_processor_kwargs:
-            kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
-        kwargs.update(self.profile.engine_kwargs(self.gpu))
-        if encoder_only:
-            # splitvlm sizes the tower's batches itself (--batch-patches), so vLLM's dummy run of
-            # the largest possible image, which only sizes a KV cache this engine does not have, is skipped.
-            kwargs["mm_encoder_only"] = True
-            kwargs["skip_mm_profiling"] = True
+        self.family = family_of_model(cfg.model)  # one line naming the model when it is not supported
+        # vLLM also calls it in each process it starts (the vllm.general_plugins entry point); with
+        # the engine core elsewhere, no kernels here: that would start CUDA in this process.
+        register(kernels=not self.separate)
+        kwargs = engine_args(cfg, self.family.split_arch, self.gpu, encoder_only)
         self.settings = {k: v for k, v in kwargs.items() if k not in ("hf_overrides",)}
         _starts += 1
         try:
@@ -129,10 +165,18 @@ class Engine:
             ) from exc
         self.model_config = self.llm.llm_engine.model_config
         hf_config = self.model_config.hf_config
-        self.hidden_size: int = hf_config.text_config.hidden_size if hasattr(hf_config, "text_config") else hf_config.hidden_size
-        self.merge_size: int = hf_config.vision_config.spatial_merge_size
+        self.layout = self.family.layout(hf_config.to_dict())  # the family's embedding layout
+        self.hidden_size: int = self.layout.hidden  # the language model's hidden size
+        self.embed_width: int = self.layout.width  # a stored embedding's width (Qwen3-VL: with deepstack)
+        self.merge_size: int = self.layout.merge_size
         self.dtype: torch.dtype = self.model_config.dtype
         self._mm_processor = None
+
+    def expect(self):
+        """What a stored entry must be for this engine's model (store.Expect): width, dtype, family."""
+        from splitvlm.store import Expect
+
+        return Expect(self.embed_width, self.dtype, self.merge_size, self.family.name, self.layout.deepstack)
 
     @staticmethod
     def _eager(cfg: Config, encoder_only: bool) -> bool:
@@ -168,14 +212,21 @@ class Engine:
         return fields
 
     # -- the vision tower --
+    def _reach_model(self, what: str) -> None:
+        if self.separate:
+            raise SplitVLMError(f"{what} reaches into the model, but this engine runs vLLM's engine core in "
+                                "another process (Engine(..., model_access=True) keeps it here)")
+
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Embeddings of preprocessed images (concatenated patches), one tensor per image, on the CPU."""
+        self._reach_model("encode")
         (out,) = self.llm.apply_model(lambda model: model.splitvlm_encode(pixel_values, grid_thw))
         return out
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list[torch.Tensor]]:
         """Collect the embeddings the end-to-end path computes inside vLLM (for tests and checks)."""
+        self._reach_model("recording")
         record: list[torch.Tensor] = []
 
         def start(model):
@@ -237,6 +288,7 @@ class Engine:
             "max_num_batched_tokens": sched.max_num_batched_tokens,
             "dtype": self.model_config.dtype,
             "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0"),
+            "splitvlm_profile": os.environ.get(VARIABLE, ""),
             "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
         }
         return {name: text(value) for name, value in fields.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from splitvlm.core.errors import SplitVLMError
@@ -33,16 +34,56 @@ class Profile:
             kwargs["compilation_config"] = {"custom_ops": ["none"]}
         return kwargs
 
+    def settings(self) -> ProcessSettings:
+        return ProcessSettings(self.name, self.vision, self.exact)
+
     def env(self, gpu: bool) -> dict[str, str]:
-        env = {"SPLITVLM_VISION": self.vision}
+        """What vLLM's processes need in their environment: splitvlm's one variable, read by the
+        plugin (core.plugin) in every vLLM process, and vLLM's own batch-invariant switches."""
+        env = {"SPLITVLM_PROFILE": self.settings().value()}
         if self.exact and gpu:
             env.update({
                 "VLLM_BATCH_INVARIANT": "1",
                 "CUBLAS_WORKSPACE_CONFIG": ":16:8",
                 "CUBLASLT_WORKSPACE_SIZE": "1",
-                "SPLITVLM_INVARIANT_MATMUL": "1",
             })
         return env
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0" (the overrides are for experiments)."""
+
+    profile: str = ""
+    vision: str = "batched"  # "per_image": the tower sees one image per call
+    invariant_matmul: bool = False  # batch-invariant Triton matmuls (GPU only)
+
+    def value(self) -> str:
+        return f"{self.profile};vision={self.vision};invariant_matmul={int(self.invariant_matmul)}"
+
+
+def settings_from(value: str | None) -> ProcessSettings:
+    """Parse SPLITVLM_PROFILE; unset gives no profile (plain vLLM behaviour)."""
+    if not value:
+        return ProcessSettings()
+    name, *overrides = [part.strip() for part in value.split(";")]
+    base = get_profile(name).settings()
+    fields = {"vision": base.vision, "invariant_matmul": base.invariant_matmul}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: unknown setting {item!r} "
+                                "(use NAME;vision=batched|per_image;invariant_matmul=0|1)")
+        fields[key] = raw if key == "vision" else raw == "1"
+    if fields["vision"] not in ("batched", "per_image"):
+        raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: vision must be batched or per_image")
+    return ProcessSettings(name, **fields)
+
+
+def vision_mode() -> str:
+    """How the tower batches images in this process (the model reads it at each call)."""
+    return settings_from(os.environ.get("SPLITVLM_PROFILE")).vision
 
 
 PROFILES = {

@@ -24,7 +24,7 @@ import torch
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import environment, resolve_model_dir
-from splitvlm.core.profiles import get_profile
+from splitvlm.core.profiles import get_profile, settings_from
 from splitvlm.core.provenance import Provenance
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json
@@ -52,9 +52,12 @@ def checkpoint_fingerprint(model: str) -> str:
 
 
 def profile_settings(profile_name: str) -> dict[str, str]:
-    """The environment a profile gives vLLM in this process (SPLITVLM_* knobs set by the user win)."""
+    """The environment a profile gives vLLM in this process (a SPLITVLM_PROFILE set by the user wins)."""
     env = get_profile(profile_name).env(torch.cuda.is_available())
-    return {k: os.environ.get(k, v) if k.startswith("SPLITVLM_") else v for k, v in env.items()}
+    given = os.environ.get("SPLITVLM_PROFILE")
+    if given and settings_from(given).profile == profile_name:
+        env["SPLITVLM_PROFILE"] = given
+    return env
 
 
 def sampling(cfg: Config) -> dict:
@@ -65,7 +68,9 @@ def sampling(cfg: Config) -> dict:
 def context(cfg: Config) -> dict:
     """Every field of a cache key that is the same for all jobs of one decode."""
     env = environment()
+    extra = {"vllm_args": cfg.vllm_args} if cfg.vllm_args else {}  # absent: earlier keys stay valid
     return {
+        **extra,
         "format": FORMAT,
         "model": checkpoint_fingerprint(cfg.model),
         "embeddings": Provenance.of(cfg).key_fields(),
@@ -98,11 +103,17 @@ class ResultCache:
         self.context = context(cfg)
         self._context = canonical_json(self.context, "cache context")
 
-    def key(self, entries: Sequence[Entry], prompt_ids: Sequence[int]) -> str:
+    def key(self, entries: Sequence[Entry], prompt_ids: Sequence[int],
+            sampling: tuple[int, list[str]] | None = None) -> str:
+        """sampling: the job's (max_tokens, stop); it enters the key only where it differs from the
+        run's (in the context), so the keys of jobs without their own fields stay as they were."""
         h = blake3.blake3()
         _field(h, "context", self._context)
         _field(h, "embeddings", canonical_json([[e.key, e.meta.get("checksum", "")] for e in entries]))
         _field(h, "prompt_token_ids", canonical_json([int(t) for t in prompt_ids]))
+        run = self.context["sampling"]
+        if sampling is not None and (sampling[0], list(sampling[1])) != (run["max_tokens"], run["stop"]):
+            _field(h, "job_sampling", canonical_json({"max_tokens": sampling[0], "stop": list(sampling[1])}))
         return h.hexdigest()
 
     def get_many(self, keys: Sequence[str]) -> list[dict | None]:

@@ -22,6 +22,13 @@ class Job:
     images: list[str]  # paths or store keys, in prompt order
     messages: list[dict]  # chat messages with {"type": "image"} parts in place of the images
     error: str | None = None
+    max_tokens: int | None = None  # the job's own, else the run's --max-tokens
+    stop: list[str] | None = None  # the job's own, else the run's --stop
+    openai: bool = False  # the line was an OpenAI batch request (custom_id, method, url, body)
+
+    def sampling(self, max_tokens: int, stop: list[str]) -> tuple[int, list[str]]:
+        """(max_tokens, stop) for this job: its own fields where given, else the run's."""
+        return (self.max_tokens or max_tokens, list(self.stop if self.stop is not None else stop))
 
 
 class JobError(SplitVLMError):
@@ -34,6 +41,9 @@ def _image_ref(part: dict, where: str) -> str:
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str) or not url:
             raise JobError(f"{where}: image_url part without a url string")
+        if re.match(r"^(data|https?|s3|gs):", url):
+            raise JobError(f"{where}: image_url {url[:24]}…: jobs name images by path, file:// URL or store key "
+                           "(save the image, or encode it and give its key)")
         return _checked_ref(url.removeprefix("file://"), where)
     ref = part.get("image") or part.get("path") or part.get("key")
     if not isinstance(ref, str) or not ref:
@@ -85,10 +95,53 @@ def _job_id(obj: dict, where: str) -> str:
     return str(value)
 
 
+# Sampling fields a job may carry. splitvlm decodes greedily; fields that would change a greedy
+# output are accepted only at the values that leave it unchanged, and refused otherwise.
+_NEUTRAL = {"temperature": (0, 0.0), "top_p": (1, 1.0), "n": (1,), "top_k": (0, -1),
+            "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0)}
+_REFUSED = ("logprobs", "top_logprobs", "stream", "tools", "tool_choice", "response_format", "logit_bias",
+            "best_of", "min_tokens", "guided_json", "structured_outputs")
+
+
+def _sampling(obj: dict, where: str) -> tuple[int | None, list[str] | None]:
+    """A job's own max_tokens and stop, after refusing what greedy decoding cannot honour."""
+    for name, neutral in _NEUTRAL.items():
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or value not in neutral):
+            raise JobError(f"{where}: {name} {json.dumps(value)} refused: splitvlm decodes greedily "
+                           f"(leave it out or use {neutral[0]})")
+    for name in _REFUSED:
+        if obj.get(name) not in (None, False, 0, [], {}):
+            raise JobError(f"{where}: {name} is not supported by splitvlm decode")
+    max_tokens = obj.get("max_completion_tokens", obj.get("max_tokens"))
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise JobError(f"{where}: max_tokens must be a positive integer, got {json.dumps(max_tokens)}")
+    stop = obj.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop)):
+        raise JobError(f"{where}: stop must be a string or a list of non-empty strings")
+    return max_tokens, stop
+
+
+def _openai_request(obj: dict, where: str) -> dict:
+    """The chat body of an OpenAI batch line, with custom_id as the job's id."""
+    if obj.get("method", "POST") != "POST" or obj.get("url") != "/v1/chat/completions":
+        raise JobError(f"{where}: an OpenAI batch line must be POST /v1/chat/completions, "
+                       f"got {obj.get('method')} {obj.get('url')}")
+    body = obj.get("body")
+    if not isinstance(body, dict) or "messages" not in body:
+        raise JobError(f"{where}: an OpenAI batch line needs a \"body\" object with \"messages\"")
+    return {**body, "id": obj["custom_id"]}
+
+
 def parse_job(obj: object, where: str) -> Job:
     """A Job from one decoded JSON line; JobError naming where on any schema break."""
     if not isinstance(obj, dict):
         raise JobError(f"{where}: a job is a JSON object")
+    openai = "custom_id" in obj
+    if openai:
+        obj = _openai_request(obj, where)
     job_id = _job_id(obj, where)
     if "messages" in obj:
         messages, images = _normalise_messages(obj["messages"], where)
@@ -103,7 +156,8 @@ def parse_job(obj: object, where: str) -> Job:
         messages = [{"role": "user", "content": content}]
     else:
         raise JobError(f"{where}: a job needs \"prompt\" (with \"images\") or \"messages\"")
-    return Job(job_id, list(images), messages)
+    max_tokens, stop = _sampling(obj, where)
+    return Job(job_id, list(images), messages, max_tokens=max_tokens, stop=stop, openai=openai)
 
 
 def read_jobs(path: str) -> list[Job]:
@@ -143,9 +197,10 @@ def read_jobs(path: str) -> list[Job]:
 
 
 def _failed(obj: object, n: int, error: str) -> Job:
-    job_id = obj.get("id") if isinstance(obj, dict) else None
+    openai = isinstance(obj, dict) and "custom_id" in obj
+    job_id = (obj.get("custom_id") if openai else obj.get("id")) if isinstance(obj, dict) else None
     ok = isinstance(job_id, (str, int)) and not isinstance(job_id, bool) and job_id != ""
-    return Job(str(job_id) if ok else f"line {n}", [], [], error=error)
+    return Job(str(job_id) if ok else f"line {n}", [], [], error=error, openai=openai)
 
 
 def names_a_key(ref: str) -> bool:

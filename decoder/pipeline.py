@@ -31,7 +31,7 @@ from splitvlm.decoder.results import (
     result_from_output,
     vllm_prompt,
 )
-from splitvlm.store import EmbeddingStore, Entry, Expect
+from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.entry import check_tensors
 from splitvlm.store.key import image_digest
 
@@ -49,8 +49,13 @@ class Encoded(Protocol):
 class Decoder:
     """Greedy generation in vLLM from stored embeddings; no vision tower in the loop."""
 
-    def __init__(self, cfg: Config, engine=None, encode_missing: Callable[[list[str]], Encoded] | None = None):
-        """encode_missing(paths) encodes images into the store for on_missing="encode" (an Encoder in this engine)."""
+    def __init__(self, cfg: Config, engine=None, encode_missing: Callable[[list[str]], Encoded] | None = None,
+                 model_access: bool | None = None):
+        """encode_missing(paths) encodes images into the store for on_missing="encode" (an Encoder in this engine).
+
+        model_access: whether a caller will reach into the engine's model (encode, a spot check's
+        embedding check); None: only for on_missing="encode". Without it the engine core may run
+        in its own process (Config.engine_process)."""
         if not cfg.store:
             raise SplitVLMError("no store given (--store PATH)")
         if cfg.on_missing not in MISSING_POLICIES:
@@ -65,6 +70,7 @@ class Decoder:
         self.keys = KeyMaker(cfg)
         self._engine = engine
         self.encode_missing = encode_missing
+        self.model_access = cfg.on_missing == "encode" if model_access is None else model_access
         self._tokenizer = None
         self._path_keys: dict[str, str] = {}
         self.stats = DecodeStats()
@@ -74,7 +80,7 @@ class Decoder:
         if self._engine is None:
             from splitvlm.core.engine import Engine
 
-            self._engine = Engine(self.cfg)
+            self._engine = Engine(self.cfg, model_access=self.model_access)
         return self._engine
 
     def engine_settings(self) -> dict:
@@ -150,7 +156,10 @@ class Decoder:
         return explain_misses(self.keys.provenance, wanted, store.metas()) if wanted else {}
 
     def _check_model(self, entry: Entry) -> None:
-        """An entry made from other vision weights than --model's (reachable by key) is refused."""
+        """An entry of another family, layout or vision weights than --model's (reachable by key) is refused."""
+        other = self.keys.provenance.layout_difference(entry.meta)
+        if other:
+            raise SplitVLMError(f"{entry.key}: {other}")
         made = entry.meta.get("model_fingerprint")
         if made and made != self.keys.fingerprint:
             raise SplitVLMError(
@@ -167,7 +176,7 @@ class Decoder:
 
     def _check_fit(self, entries: Sequence[Entry]) -> None:
         """The entries' shapes and dtype against the engine's model (StoreError naming the key)."""
-        expect = Expect(self.engine.hidden_size, self.engine.dtype, self.engine.merge_size)
+        expect = self.engine.expect()
         for e in entries:
             check_tensors(e.key, e.image_embeds, e.image_grid_thw, e.meta, expect)
 
@@ -240,7 +249,7 @@ class Decoder:
             prompts.append(vllm_prompt(text, embeds_input(entries)))
             slots.append(i)
         if prompts:
-            params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)
+            params = [self.engine.sampling_params(*jobs[i].sampling(self.cfg.max_tokens, self.cfg.stop)) for i in slots]
             try:
                 outputs = self.engine.generate(prompts, params)
             except Exception as exc:  # vLLM refused the batch: its jobs fail, the other batches run
@@ -260,7 +269,8 @@ class Decoder:
     def _from_cache(self, cache: ResultCache, jobs: list[Job], pending: dict[int, tuple[str, list[Entry]]],
                     done: dict[int, Result]) -> dict[int, str]:
         """Move the jobs the cache answers from pending to done; the cache keys of the others."""
-        lookups = {i: cache.key(entries, prompt_token_ids(self.tokenizer, text))
+        lookups = {i: cache.key(entries, prompt_token_ids(self.tokenizer, text),
+                                jobs[i].sampling(self.cfg.max_tokens, self.cfg.stop))
                    for i, (text, entries) in pending.items()}
         for i, fields in zip(list(lookups), cache.get_many(list(lookups.values())), strict=True):
             if fields is not None:

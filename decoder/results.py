@@ -42,6 +42,23 @@ class Result:
     def cache_fields(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_FIELDS}
 
+    def to_openai(self, model: str) -> dict:
+        """The line of an OpenAI batch output file (custom_id = the job's id); splitvlm's own
+        fields (token ids, keys, cache and spot-check flags) ride along under body["splitvlm"]."""
+        request_id = "splitvlm-" + hashlib.sha256(self.id.encode("utf-8")).hexdigest()[:24]
+        if self.error is not None:
+            return {"id": request_id, "custom_id": self.id, "response": None,
+                    "error": {"code": "splitvlm_job_failed", "message": self.error}}
+        own = {k: v for k, v in self.to_json().items() if k not in ("id", "text", "finish_reason", "error")}
+        body = {"id": "chatcmpl-" + request_id.removeprefix("splitvlm-"), "object": "chat.completion",
+                "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
+                                             "finish_reason": self.finish_reason, "logprobs": None}],
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids),
+                          "total_tokens": self.prompt_tokens + len(self.token_ids)},
+                "splitvlm": own}
+        return {"id": request_id, "custom_id": self.id,
+                "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
 
 @dataclass
 class DecodeStats:

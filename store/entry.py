@@ -20,6 +20,7 @@ CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
+UNNAMED_FAMILY = "qwen2-vl"  # an entry that records no family was made before families were recorded
 
 
 @dataclass
@@ -38,9 +39,11 @@ class Entry:
 class Expect:
     """What the model about to consume an entry needs."""
 
-    hidden_size: int
+    hidden_size: int  # the width of a stored embedding (Qwen3-VL: hidden × (1 + deepstack levels))
     dtype: torch.dtype
     merge_size: int
+    family: str | None = None  # the model family (splitvlm.core.families), when the caller knows it
+    deepstack: int | None = None  # deepstack levels inside hidden_size, when the caller knows them
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):  # "bfloat16" or "torch.bfloat16" also do
@@ -191,6 +194,7 @@ def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict
         if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
             raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
         return
+    check_layout(key, meta, expect)
     if embeds.dtype != expect.dtype:
         raise StoreError(f"{key}: dtype {dtype}, model needs {dtype_name(expect.dtype)}")
     if hidden != expect.hidden_size:
@@ -201,6 +205,16 @@ def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict
             f"{key}: {embeds.shape[0]} embedding rows, but image_grid_thw {thw} with merge size "
             f"{expect.merge_size} needs {need:g}"
         )
+
+
+def check_layout(key: str, meta: dict, expect: Expect) -> None:
+    """The family and deepstack levels an entry records, against the model's (when Expect names them)."""
+    family, deepstack = meta.get("family") or UNNAMED_FAMILY, meta.get("deepstack") or "0"
+    if expect.family is not None and family != expect.family:
+        raise StoreError(f"{key}: an embedding of a {family} model, the model is {expect.family}; "
+                         "re-encode it with this model")
+    if expect.deepstack is not None and deepstack != str(expect.deepstack):
+        raise StoreError(f"{key}: {deepstack} deepstack levels, the model needs {expect.deepstack}")
 
 
 def describe(key: str, blob: bytes | memoryview) -> dict:

@@ -119,7 +119,7 @@ def test_any_key_field_change_misses(cfg, engine, jobs_file, monkeypatch):
                 m.setitem(identity.environment(), name, "changed")
                 assert not hit(), name
         with monkeypatch.context() as m:
-            m.setenv("SPLITVLM_VISION", "per_image")  # a profile setting
+            m.setenv("SPLITVLM_PROFILE", "exact;vision=per_image")  # a profile setting
             assert not hit()
         assert hit()
     # an altered entry (valid checksum, one ulp off) misses: the key holds each entry's tensor checksum

@@ -1,4 +1,4 @@
-"""Layering: imports flow cli/tools -> stages (encoder, decoder, verify) -> core and store, with no cycles."""
+"""Layering: imports flow cli/tools -> stages (encoder, decoder, verify, serve) -> core and store, with no cycles."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]  # the package splitvlm
-FOLDERS = ("core", "store", "encoder", "decoder", "verify", "cli", "tools")
-ABOVE_CORE = ("splitvlm.encoder", "splitvlm.decoder", "splitvlm.verify", "splitvlm.cli", "splitvlm.tools")
+FOLDERS = ("core", "store", "encoder", "decoder", "verify", "serve", "cli", "tools")
+ABOVE_CORE = ("splitvlm.encoder", "splitvlm.decoder", "splitvlm.verify", "splitvlm.serve", "splitvlm.cli",
+              "splitvlm.tools")
 FORBIDDEN = {  # folder: the splitvlm packages its modules must not import
-    "decoder": ("splitvlm.encoder", "splitvlm.verify"),
-    "encoder": ("splitvlm.decoder", "splitvlm.verify"),
-    "verify": ("splitvlm.encoder",),
+    "decoder": ("splitvlm.encoder", "splitvlm.verify", "splitvlm.serve"),
+    "encoder": ("splitvlm.decoder", "splitvlm.verify", "splitvlm.serve"),
+    "verify": ("splitvlm.encoder", "splitvlm.serve"),
+    "serve": ("splitvlm.encoder", "splitvlm.decoder", "splitvlm.verify", "splitvlm.cli", "splitvlm.tools"),
     "core": ABOVE_CORE,
     "store": ABOVE_CORE,
 }

@@ -1,4 +1,4 @@
-"""Write local random-weight Qwen2-VL checkpoints (tiny for CPU tests, the 2B architecture for GPUs)."""
+"""Write local random-weight Qwen-VL checkpoints (tiny ones for CPU tests, the real architectures for GPUs)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,25 @@ from typing import Any
 import torch
 
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.tools.tokenizer_maker import make_processor, make_tokenizer, special_token_ids
+from splitvlm.tools.family_archs import (
+    FAMILY_ARCHS,
+    build_family_config,
+    make_family_processor,
+    model_class,
+)
+from splitvlm.tools.tokenizer_maker import (
+    CHAT_TEMPLATE,
+    make_processor,
+    make_tokenizer,
+    special_token_ids,
+)
 
 MARKER = "splitvlm-model.json"  # written last; marks a directory as make-model output
 
 ARCHS: dict[str, dict[str, Any]] = {
-    "tiny": {
+    "tiny": {  # Qwen2-VL
+        "family": "qwen2-vl",
+        "sensitive": True,  # tools/tiny_init.py, checked by tests/test_sensitivity.py
         "text": dict(
             hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2,  # head_dim 32: CPU attention refuses 16
@@ -32,6 +45,7 @@ ARCHS: dict[str, dict[str, Any]] = {
         "max_pixels": 448 * 448,
     },
     "qwen2-vl-2b": {
+        "family": "qwen2-vl",
         "text": dict(
             hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
             num_attention_heads=12, num_key_value_heads=2,
@@ -43,6 +57,7 @@ ARCHS: dict[str, dict[str, Any]] = {
         "min_pixels": 56 * 56,
         "max_pixels": 28 * 28 * 16384,
     },
+    **FAMILY_ARCHS,  # tiny-qwen2.5-vl, qwen2.5-vl-3b, tiny-qwen3-vl, qwen3-vl-2b
 }
 
 
@@ -54,12 +69,14 @@ def arch_spec(arch: str) -> dict[str, Any]:
 
 
 def build_config(arch: str, tokenizer=None):
-    """The Qwen2VLConfig of an arch, with the special token ids of the synthetic tokenizer."""
+    """The transformers config of an arch, with the special token ids of the synthetic tokenizer."""
     from transformers import Qwen2VLConfig
 
     spec = arch_spec(arch)
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     ids = special_token_ids(tokenizer)
+    if spec["family"] != "qwen2-vl":
+        return build_family_config(spec, ids, spec["vocab_size"] or len(tokenizer))
     text = dict(spec["text"])
     rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": text.pop("mrope_section")}
     tokens = dict(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
@@ -112,8 +129,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def make_model(arch: str, out: str, seed: int = 0, device: str = "cpu") -> str:
-    """Write a complete random-weight Qwen2-VL checkpoint for `arch` into `out`; returns `out`."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    """Write a complete random-weight checkpoint of `arch` (its family's layout) into `out`; returns `out`."""
+    from transformers import GenerationConfig
 
     spec = arch_spec(arch)
     start = time.perf_counter()
@@ -124,9 +141,9 @@ def make_model(arch: str, out: str, seed: int = 0, device: str = "cpu") -> str:
     tokenizer = make_tokenizer()
     config = build_config(arch, tokenizer)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model = model_class(spec["family"])._from_config(config, dtype=torch.bfloat16)
     ids = special_token_ids(tokenizer)
-    if arch == "tiny":
+    if spec.get("sensitive"):
         from splitvlm.tools.tiny_init import init_sensitive
 
         init_sensitive(model, seed, sorted(set(ids.values())))
@@ -140,12 +157,13 @@ def make_model(arch: str, out: str, seed: int = 0, device: str = "cpu") -> str:
     )
     with quiet_progress():
         model.save_pretrained(out_dir, max_shard_size="50GB")  # one model.safetensors, original key names
-    write_processor(out_dir, tokenizer, spec["min_pixels"], spec["max_pixels"])
+    write_processor(out_dir, tokenizer, spec["min_pixels"], spec["max_pixels"], spec["family"])
 
     parameters = count_parameters(model)
     info = {
         "made_by": "splitvlm make-model",
         "arch": arch,
+        "family": spec["family"],
         "seed": seed,
         "parameters": parameters,
         "vocab_size": config.text_config.vocab_size,
@@ -170,9 +188,12 @@ def quiet_progress() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def write_processor(out_dir: Path, tokenizer, min_pixels: int, max_pixels: int) -> None:
+def write_processor(out_dir: Path, tokenizer, min_pixels: int, max_pixels: int, family: str = "qwen2-vl") -> None:
     """processor_config.json (transformers 5) plus the older preprocessor_config.json and tokenizer files."""
-    processor = make_processor(tokenizer, min_pixels, max_pixels)
+    if family == "qwen2-vl":
+        processor = make_processor(tokenizer, min_pixels, max_pixels)
+    else:
+        processor = make_family_processor(family, tokenizer, CHAT_TEMPLATE, min_pixels, max_pixels)
     processor.save_pretrained(out_dir)
     processor.image_processor.save_pretrained(out_dir)
     path = out_dir / "preprocessor_config.json"

@@ -1,10 +1,12 @@
-"""Initialise the tiny Qwen2-VL so that its greedy output reacts to the image, the prompt and small noise.
+"""Initialise a tiny Qwen-VL model so that its greedy output reacts to the image, the prompt and small noise.
 
 With the usual N(0, 0.02) initialisation the residual stream is dominated by the last token's
 embedding, attention is nearly uniform and the model repeats itself. Here matrices are drawn with
 fan-in scaling (std = gain / sqrt(fan_in)), token embeddings with unit variance, and the query and
 key projections with a large gain, so attention is sharp: a 1% change of an image embedding moves
-attention weights enough to change some greedy token. See docs/tiny-model.md for the figures.
+attention weights enough to change some greedy token. Qwen3 normalises queries and keys per head
+(q_norm, k_norm), which would undo that gain, so those norms' weights carry it instead. See
+docs/tiny-model.md for the figures.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ RESIDUAL_GAIN = 2.0  # language and vision blocks: each layer changes the residu
 QK_GAIN = 10.0  # query/key projections: attention logits of tens, so attention is sharp
 EMBED_STD = 1.0  # text token embeddings, comparable in size to the image embeddings
 UNIT_GAIN_PARTS = ("lm_head", "patch_embed", "merger")  # variance-preserving: std 1 / sqrt(fan_in)
+DEEPSTACK_GAIN = 4.0  # Qwen3-VL's deepstack mergers (last layer): their levels move the output as the main part does
 
 
 def weight_std(name: str, fan_in: int) -> float:
-    if any(part in name for part in UNIT_GAIN_PARTS):
+    if "deepstack_merger_list" in name and "fc2" in name:
+        gain = DEEPSTACK_GAIN
+    elif any(part in name for part in UNIT_GAIN_PARTS):
         gain = 1.0
     elif "q_proj" in name or "k_proj" in name:
         gain = QK_GAIN
@@ -36,6 +41,8 @@ def init_sensitive(model: torch.nn.Module, seed: int, special_ids: list[int]) ->
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             values = torch.zeros(param.shape)
+        elif param.dim() == 1 and ("q_norm" in name or "k_norm" in name):  # Qwen3: after the projection
+            values = torch.full(param.shape, QK_GAIN)
         elif param.dim() == 1:  # norm weights
             values = torch.ones(param.shape)
         elif name.endswith("embed_tokens.weight"):

@@ -122,7 +122,6 @@ class Verifier:
     def end_to_end(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None],
                    store: EmbeddingStore) -> list[Result]:
         tokenizer = self.engine.tokenizer()
-        params = self.engine.sampling_params(self.cfg.max_tokens, self.cfg.stop)  # as the decoder's
         results: list[Result] = []
         bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=None if self.cfg.show_progress else True, file=sys.stderr)
         for start in range(0, len(jobs), self.cfg.batch_jobs):
@@ -138,6 +137,8 @@ class Verifier:
                     continue
                 prompts.append(vllm_prompt(build_prompt(tokenizer, jobs[i]), images))
                 slots.append(i)
+            params = [self.engine.sampling_params(*jobs[i].sampling(self.cfg.max_tokens, self.cfg.stop))
+                      for i in slots]  # as the decoder's, job by job
             outputs = dict(zip(slots, self.engine.generate(prompts, params))) if prompts else {}
             for i in chunk:
                 if i in outputs:

@@ -1,0 +1,124 @@
+"""Single-process `encode` vs `encode --ray` on one machine: images/s of each, and their stores compared entry for entry.
+
+    python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 32]
+        [--commit SHA] [--out benchmarks/results/bench_ray_encode.json]
+    python -m benchmarks.bench_ray_encode --model DIR --gpus 0 --workers 2 --smoke   # tiny model, CPU
+
+Writes one corpus of synthetic images (224-800 px; --smoke: a few tiny sizes), then runs the CLI
+twice, one right after the other, each into a fresh store: `splitvlm encode` and `splitvlm encode
+--ray --gpus N`. Each run's figures come from its --stats-json (images/s over the run, engine and
+Ray start included) and its wall time as a process. The stores must hold the same keys with the
+same tensor bytes; metadata may differ only in `created` (and `meta_checksum`, which covers it).
+Exit status 1 when they differ. The JSON holds the exact commands, both rates and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, command, now, sizes_for, write_images
+
+ALLOWED_META = {"created", "meta_checksum"}  # set at write time by the store; see docs/store-format.md
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="Local Qwen2-VL checkpoint directory.")
+    ap.add_argument("--gpus", type=int, required=True, help="encode --ray --gpus N (0: CPU workers).")
+    ap.add_argument("--workers", type=int, default=None, help="CPU workers with --gpus 0.")
+    ap.add_argument("--ray-batch", type=int, default=32, help="Inputs per call to a worker.")
+    ap.add_argument("--address", default=None, help="A Ray cluster to join (default: a local one).")
+    ap.add_argument("--images", type=int, default=None, help="Corpus size (default 512; smoke 16).")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=7, help="Seed of the synthetic images.")
+    ap.add_argument("--dir", default=None, help="Where the images and stores go (default: a temporary folder).")
+    ap.add_argument("--commit", default="", help="The commit measured, recorded in the report.")
+    ap.add_argument("--smoke", action="store_true", help="Tiny images and a small corpus, for the CPU.")
+    ap.add_argument("--out", default=str(RESULTS / "bench_ray_encode.json"))
+    args = ap.parse_args(argv)
+    args.images = args.images or (16 if args.smoke else 512)
+    return args
+
+
+def run_encode(args: argparse.Namespace, images: Path, store: Path, extra: list[str]) -> dict:
+    """One `splitvlm encode` as its own process: the command, wall time, exit status and --stats-json figures."""
+    stats = store.with_suffix(".stats.json")
+    cmd = [sys.executable, "-m", "splitvlm", "encode", "--model", args.model, "--store", str(store),
+           "--max-model-len", str(args.max_model_len), "--no-progress", "--stats-json", str(stats), *extra, str(images)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{shlex.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    figures = json.loads(stats.read_text())
+    return {"command": shlex.join(cmd), "wall_s": round(wall, 3), "encoded": figures["encoded"],
+            "images_per_s": figures["images_per_s"], "images_per_s_wall": figures["encoded"] / wall,
+            "seconds": figures["seconds"], "engine_start_s": figures["engine_start_s"],
+            "first_stored_s": figures["first_stored_s"], "ray": figures.get("ray")}
+
+
+def compare_stores(a: Path, b: Path) -> dict:
+    """Entry for entry, with the store's own checked reads: keys, tensor bytes, metadata fields that differ."""
+    from splitvlm.store import EmbeddingStore
+
+    with EmbeddingStore(a, readonly=True) as x, EmbeddingStore(b, readonly=True) as y:
+        ka, kb = set(x.keys()), set(y.keys())
+        tensors_differ, meta = [], set()
+        for key in sorted(ka & kb):
+            ea, eb = x.get(key), y.get(key)
+            if not (_bytes(ea.image_embeds) == _bytes(eb.image_embeds) and _bytes(ea.image_grid_thw) == _bytes(eb.image_grid_thw)):
+                tensors_differ.append(key)
+            meta |= {f for f in set(ea.meta) | set(eb.meta) if ea.meta.get(f) != eb.meta.get(f)}
+    equal = ka == kb and not tensors_differ and meta <= ALLOWED_META
+    return {"equal": equal, "entries": len(ka), "only_single": len(ka - kb), "only_ray": len(kb - ka),
+            "tensors_differ": tensors_differ[:10], "meta_fields_differ": sorted(meta)}
+
+
+def _bytes(tensor) -> bytes:
+    import torch
+
+    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from splitvlm.core.identity import environment
+
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_ray_") as tmp:
+        root = Path(tmp)
+        write_images(root / "images", 0, args.images, sizes_for(args.smoke), seed=args.seed)
+        single = run_encode(args, root / "images", root / "single", [])
+        ray_args = ["--ray", "--gpus", str(args.gpus), "--ray-batch", str(args.ray_batch)]
+        ray_args += ["--workers", str(args.workers)] if args.workers else []
+        ray_args += ["--address", args.address] if args.address else []
+        on_ray = run_encode(args, root / "images", root / "ray", ray_args)
+        stores = compare_stores(root / "single", root / "ray")
+    report = {
+        "benchmark": "bench_ray_encode", "date": now(), "commit": args.commit,
+        "command": command("benchmarks.bench_ray_encode", argv), "environment": environment(),
+        "model": args.model, "images": args.images, "smoke": args.smoke, "gpus": args.gpus,
+        "workers": on_ray["ray"]["workers"] if on_ray["ray"] else None,
+        "single": single, "ray": on_ray, "stores": stores,
+        "ratio": on_ray["images_per_s"] / single["images_per_s"] if single["images_per_s"] else None,
+        "ratio_wall": on_ray["images_per_s_wall"] / single["images_per_s_wall"] if single["images_per_s_wall"] else None,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"single {single['images_per_s']:.2f} images/s, --ray {on_ray['images_per_s']:.2f} images/s "
+          f"({report['workers']} workers): ratio {report['ratio']:.2f}; stores "
+          f"{'equal' if stores['equal'] else 'DIFFER'} ({stores['entries']} entries); wrote {path}")
+    if not stores["equal"]:
+        sys.exit(1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

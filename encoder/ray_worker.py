@@ -1,0 +1,122 @@
+"""The stages `encode --ray` runs on Ray: keying tasks, the key registry, and encoder actors that write shards.
+
+Rows carry (index, path) in and (index, path, key, status, error) plus the figures of the work out.
+Nothing here imports ray at module level: the driver checks that Ray is there first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from splitvlm.core.config import Config
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.images import read_image_bytes
+from splitvlm.core.provenance import KeyMaker
+from splitvlm.encoder.pipeline import Encoder
+from splitvlm.encoder.shards import take_shard
+from splitvlm.store import EmbeddingStore
+from splitvlm.store.key import image_digest
+
+NEW, STORED, DUPLICATE, FAILED, ENCODED = "new", "stored", "duplicate", "failed", "encoded"
+STOPPED = "stopped"  # the worker could not go on (vLLM did not start, the shard cannot be written): error says why
+FIGURES = {"tower_s": np.float64, "store_s": np.float64, "patches": np.int64, "engine_start_s": np.float64}
+
+
+class Claims:
+    """A Ray actor: the first input to claim a key encodes it, later ones are duplicates; worker numbers."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.workers = 0
+
+    def claim(self, keys: list[str]) -> list[bool]:
+        won = []
+        for key in keys:  # one at a time: a key twice in one call is won once
+            won.append(key not in self.keys)
+            self.keys.add(key)
+        return won
+
+    def next_worker(self) -> int:
+        self.workers += 1
+        return self.workers - 1
+
+
+def _out(batch: dict[str, np.ndarray], key: list[str], status: list[str], error: list[str],
+         figures: dict[str, float] | None = None, engine: str = "") -> dict[str, np.ndarray]:
+    """One output batch; the batch's figures ride on its first row (the driver sums them)."""
+    n = len(batch["path"])
+    out = {"index": np.asarray(batch["index"], dtype=np.int64), "path": np.asarray(batch["path"], dtype=object),
+           "key": np.asarray(key, dtype=object), "status": np.asarray(status, dtype=object),
+           "error": np.asarray(error, dtype=object), "engine": np.asarray([engine] + [""] * (n - 1), dtype=object)}
+    for name, dtype in FIGURES.items():
+        column = np.zeros(n, dtype=dtype)
+        if name == "engine_start_s":
+            column[:] = math.nan
+        if figures and n and figures.get(name) is not None:
+            column[0] = figures[name]
+        out[name] = column
+    return out
+
+
+def key_batch(batch: dict[str, np.ndarray], *, keys: KeyMaker, store: str, claims: Any) -> dict[str, np.ndarray]:
+    """Ray Data task: read each file once, key its bytes, and mark what the store holds or another input claimed."""
+    import ray
+
+    n = len(batch["path"])
+    key, status, error = [""] * n, [FAILED] * n, [""] * n
+    for i, path in enumerate(batch["path"]):
+        try:
+            key[i] = keys.provenance.key_of_digest(image_digest(read_image_bytes(str(path))))
+            status[i] = NEW
+        except SplitVLMError as exc:  # the same one-line reason the single-process encoder gives
+            error[i] = str(exc)
+    keyed = [i for i in range(n) if status[i] == NEW]
+    if keyed:
+        with EmbeddingStore(store, readonly=True) as target:
+            missing = set(target.missing([key[i] for i in keyed]))
+        won = ray.get(claims.claim.remote([key[i] for i in keyed]))
+        for i, first in zip(keyed, won):
+            status[i] = DUPLICATE if not first else (NEW if key[i] in missing else STORED)
+    return _out(batch, key, status, error)
+
+
+class EncodeWorker:
+    """Ray Data actor: splitvlm's own Encoder (and Engine, started on the first new image) writing one shard.
+
+    A worker Ray restarts after a crash takes over the shard its predecessor left (its lock is free),
+    so a retried batch finds what was already committed there and nothing is stored twice."""
+
+    def __init__(self, cfg: Config, root: str, run_id: str, claims: Any, cpu: bool = False) -> None:
+        import ray
+
+        if cpu:  # --gpus 0: Ray leaves the GPUs visible to workers without any; vLLM must not take one
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        self.shard, self._lock_fd = take_shard(root, run_id, lambda: ray.get(claims.next_worker.remote()))
+        self.encoder = Encoder(cfg.replace(store=self.shard, failures=None, show_progress=False, overwrite=False))
+        self.engine_reported = False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        status = [str(s) for s in batch["status"]]
+        error = [str(e) for e in batch["error"]]
+        new = [i for i, s in enumerate(status) if s == NEW]
+        if not new:
+            return _out(batch, list(batch["key"]), status, error)
+        paths = [str(batch["path"][i]) for i in new]
+        try:
+            stats = self.encoder.encode(paths)
+        except SplitVLMError as exc:  # one line for the driver to stop the run with (Ray's errors lose the type)
+            return _out(batch, list(batch["key"]), [STOPPED] * len(status), [str(exc)] * len(status))
+        failed = {f["path"]: f["error"] for f in stats.failures}
+        for i, path in zip(new, paths):
+            status[i], error[i] = (FAILED, failed[path]) if path in failed else (ENCODED, "")
+        figures = {"tower_s": stats.tower_seconds, "store_s": stats.store_seconds, "patches": stats.patches,
+                   "engine_start_s": stats.engine_start_s}
+        engine = ""
+        if stats.engine and not self.engine_reported:
+            engine, self.engine_reported = json.dumps(stats.engine), True
+        return _out(batch, list(batch["key"]), status, error, figures, engine)

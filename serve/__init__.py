@@ -1,0 +1,1 @@
+"""`splitvlm serve`: vLLM's OpenAI server, with stored embeddings loaded into its encoder cache."""

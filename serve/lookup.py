@@ -1,0 +1,82 @@
+"""The store as the connector sees it: checked reads for the scheduler, new entries for the worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.lock import EntryCheck
+from splitvlm.core.provenance import Provenance
+from splitvlm.serve.settings import ServeSettings
+from splitvlm.store import EmbeddingStore, Entry, Expect
+
+log = logging.getLogger("splitvlm.serve")
+
+
+def expect_of(model_config) -> Expect:
+    """What an entry must be for vLLM's model: dtype, embedding width, merge size."""
+    from splitvlm.core.families import family_of_config
+
+    config = model_config.hf_config.to_dict()
+    family = family_of_config(config)
+    layout = family.layout(config)
+    return Expect(layout.width, model_config.dtype, layout.merge_size, family.name, layout.deepstack)
+
+
+class StoreAccess:
+    """One store handle per process (LMDB allows one environment per process), opened on first use."""
+
+    _lock = threading.Lock()
+    _store: EmbeddingStore | None = None
+
+    def __init__(self, settings: ServeSettings, expect: Expect | None = None):
+        self.settings = settings
+        self.expect = expect
+        self.provenance = Provenance(**settings.provenance)
+        self.check_entry = EntryCheck(settings.lock, settings.allow_mismatch)
+        self._environment: dict[str, str] | None = None
+
+    def store(self) -> EmbeddingStore:
+        with StoreAccess._lock:
+            if StoreAccess._store is None:
+                StoreAccess._store = EmbeddingStore(self.settings.store, readonly=not self.settings.store_new)
+            return StoreAccess._store
+
+    def read(self, key: str, tokens: int) -> torch.Tensor | None:
+        """The checked embedding under key when it is there and fits `tokens` placeholders; None otherwise."""
+        try:
+            store = self.store()
+            if key not in store:
+                return None
+            entry = store.get(key, self.expect)
+            self.check_entry(key, entry.meta)
+            made = entry.meta.get("model_fingerprint")
+            if made and made != self.provenance.model_fingerprint:
+                raise SplitVLMError(f"{key}: encoded by another model (vision weights {made[:12]}…)")
+            if entry.n_tokens != tokens:
+                raise SplitVLMError(f"{key}: {entry.n_tokens} embedding rows, the request has {tokens} placeholders")
+        except SplitVLMError as exc:  # StoreError too: a damaged or foreign entry is a miss, never an error
+            log.warning("splitvlm serve: not using a stored entry: %s", exc)
+            return None
+        return entry.image_embeds
+
+    def write(self, key: str, digest: str, embeds: torch.Tensor, grid: list[int]) -> bool:
+        """Store one tower output as `splitvlm encode` would (--store-new); False when it was there."""
+        from splitvlm.core.identity import environment
+
+        if self._environment is None:
+            self._environment = environment()
+        env = self._environment
+        meta = {"vllm_version": env["vllm"], "torch_version": env["torch"], "device": env["device"],
+                "profile": self.provenance.profile, **self.provenance.meta(bytes.fromhex(digest)),
+                "source": "splitvlm serve"}
+        grid_thw = torch.tensor([grid], dtype=torch.int64)
+        entry = Entry(key, embeds.detach().to("cpu", copy=True).contiguous(), grid_thw, meta)
+        try:
+            return self.store().put(entry)
+        except SplitVLMError as exc:
+            log.warning("splitvlm serve: could not store %s: %s", key, exc)
+            return False

@@ -1,0 +1,133 @@
+"""splitvlm's vLLM general plugin: vLLM loads it in its own processes, driven by one variable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from splitvlm.core import engine as engine_module
+from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.profiles import ProcessSettings, get_profile, settings_from
+
+
+def test_settings_round_trip_and_overrides():
+    exact = get_profile("exact").settings()
+    assert settings_from(exact.value()) == exact == ProcessSettings("exact", "batched", True)
+    assert settings_from("exact") == exact
+    assert settings_from("fast") == ProcessSettings("fast", "batched", False)
+    assert settings_from("exact;vision=per_image;invariant_matmul=0") == ProcessSettings("exact", "per_image", False)
+    assert settings_from(None) == settings_from("") == ProcessSettings()  # plain vLLM: no kernels changed
+
+
+@pytest.mark.parametrize("value", ["exact;colour=red", "exact;vision=sideways", "nonsense", "exact;vision"])
+def test_bad_settings_are_one_line_errors(value):
+    with pytest.raises(SplitVLMError) as err:
+        settings_from(value)
+    assert "\n" not in str(err.value)
+
+
+def test_profile_env_holds_one_splitvlm_variable():
+    for gpu in (False, True):
+        env = get_profile("exact").env(gpu)
+        assert [k for k in env if k.startswith("SPLITVLM_")] == ["SPLITVLM_PROFILE"]
+
+
+def test_a_variable_naming_another_profile_is_refused(monkeypatch):
+    monkeypatch.setattr(engine_module, "_process_env", None)
+    monkeypatch.setenv("SPLITVLM_PROFILE", "fast")
+    with pytest.raises(SplitVLMError, match="another profile"):
+        engine_module._prepare_process(get_profile("exact"), gpu=False)
+
+
+def _python(code: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_vllm_loads_the_plugin_without_splitvlm_being_imported():
+    """vLLM's own plugin loader finds the entry point (pyproject's vllm.general_plugins)."""
+    code = """
+        import sys
+        from vllm.plugins import load_general_plugins
+        from vllm import ModelRegistry
+        archs = ("SplitVLMQwen2VL", "SplitVLMQwen2_5VL", "SplitVLMQwen3VL")
+        assert not set(archs) & set(ModelRegistry.get_supported_archs())
+        load_general_plugins()
+        assert set(archs) <= set(ModelRegistry.get_supported_archs())
+        print("ok")
+    """
+    out = _python(code, {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_multiprocess_engine_builds_splitvlms_model_in_its_engine_process(tiny_model):
+    """Plain vLLM, engine core in its own process (vLLM's default), asked for splitvlm's
+    architecture: only the plugin can have registered it there. The output must equal the
+    in-process engine's greedy output for the same text prompt."""
+    code = f"""
+        import json, os
+        from vllm import LLM, SamplingParams
+        llm = LLM(model={tiny_model!r}, hf_overrides={{"architectures": ["SplitVLMQwen2VL"]}},
+                  max_model_len=512, enforce_eager=True, enable_prefix_caching=False, seed=0)
+        archs = llm.llm_engine.model_config.architectures
+        out = llm.generate(["a red square"], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        print(json.dumps({{"archs": archs, "ids": list(out[0].outputs[0].token_ids), "pid": os.getpid()}}))
+    """
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "SPLITVLM_PROFILE": "exact",
+           "VLLM_LOGGING_LEVEL": "ERROR", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    out = _python(code, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    multi = json.loads(out.stdout.strip().splitlines()[-1])
+    assert multi["archs"] == ["SplitVLMQwen2VL"] and len(multi["ids"]) == 8
+    single = _python(code, {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads(single.stdout.strip().splitlines()[-1])["ids"] == multi["ids"]
+
+
+@pytest.mark.slow
+def test_decode_with_the_engine_core_in_its_own_process_gives_the_same_bytes(tiny_model, engine, tmp_path):
+    """`decode --engine-process separate` (vLLM's default layout, which the plugin makes possible)
+    against the in-process engine, on stored embeddings of real images: same token ids and text."""
+    from helpers import config, write_jobs
+
+    from splitvlm.decoder import Decoder, read_jobs
+    from splitvlm.encoder import Encoder
+    from splitvlm.tools.samples import save_corpus
+
+    images = save_corpus(tmp_path / "imgs", 4, seed=11, sizes=[(64, 64), (96, 80), (120, 72)])
+    cfg = config(tiny_model, tmp_path / "store", max_tokens=12)
+    Encoder(cfg, engine=engine).encode(images)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"j{n}", "images": [images[n % 4]], "prompt": f"What is {n}?"}
+                                                for n in range(8)])
+    here = {r.id: (r.token_ids, r.text) for r in Decoder(cfg, engine=engine).generate(read_jobs(jobs))}
+    out = tmp_path / "separate.jsonl"
+    cmd = [sys.executable, "-m", "splitvlm.cli.main", "decode", "--model", tiny_model, "--store", cfg.store,
+           "--jobs", jobs, "--out", str(out), "--max-tokens", "12", "--max-model-len", "2048",
+           "--engine-process", "separate", "--stats-json", str(tmp_path / "stats.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["engine"]["multiprocessing"] == "1"
+    there = {r["id"]: (r["token_ids"], r["text"]) for r in map(json.loads, out.read_text().splitlines())}
+    assert there == here and all(len(ids) > 0 for ids, _ in here.values())
+
+
+def test_where_the_engine_core_runs(tiny_model):
+    from splitvlm.core.config import Config
+    from splitvlm.core.engine import separate_process
+
+    cfg = Config(model=tiny_model, engine_process="separate")
+    assert separate_process(cfg, gpu=False, encoder_only=False, model_access=False)
+    assert not separate_process(cfg, gpu=False, encoder_only=False, model_access=True)
+    assert not separate_process(cfg, gpu=True, encoder_only=True, model_access=False)
+    auto = cfg.replace(engine_process="auto")
+    assert separate_process(auto, gpu=True, encoder_only=False, model_access=False)
+    assert not separate_process(auto, gpu=False, encoder_only=False, model_access=False)
+    with pytest.raises(SplitVLMError, match="engine-process"):
+        separate_process(cfg.replace(engine_process="elsewhere"), gpu=False, encoder_only=False, model_access=False)
