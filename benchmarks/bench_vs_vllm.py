@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, command, goal, sizes_for, write_images, write_report
+from splitvlm.core.batching import chunks
 from splitvlm.core.identity import environment
 
 GOAL = 0.90
@@ -117,8 +118,8 @@ def side(args: argparse.Namespace) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
         t = time.perf_counter()
         tokens = 0
-        for lo in range(0, len(prompts), batch):
-            tokens += sum(len(o.outputs[0].token_ids) for o in generate(prompts[lo:lo + batch], params))
+        for part in chunks(len(prompts), batch):
+            tokens += sum(len(o.outputs[0].token_ids) for o in generate(prompts[part.start:part.stop], params))
         return time.perf_counter() - t, tokens
 
     run(_prompts(plan, plan["warm"], tokenizer), 8, 8)

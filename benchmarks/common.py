@@ -147,20 +147,13 @@ def measure_peak(n: int) -> dict:
 def encode_batches(engine, prepared: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    batch_patches: int) -> tuple[list[torch.Tensor], float]:
     """vLLM's vision tower on preprocessed images, batched by patches as the Encoder does; (embeds, seconds)."""
+    from splitvlm.core.batching import by_budget
+
     out: list[torch.Tensor] = []
-    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-    budget = 0
     sync()
     t0 = time.perf_counter()
-    for pv, grid in [*prepared, (None, None)]:
-        n = 0 if grid is None else int(grid.prod())
-        if batch and (grid is None or budget + n > batch_patches):
-            out.extend(engine.encode(torch.cat([p for p, _ in batch]),
-                                     torch.cat([g.reshape(1, 3) for _, g in batch])))
-            batch, budget = [], 0
-        if grid is not None:
-            batch.append((pv, grid))
-            budget += n
+    for batch in by_budget(prepared, lambda item: int(item[1].prod()), batch_patches):
+        out.extend(engine.encode(torch.cat([p for p, _ in batch]), torch.cat([g.reshape(1, 3) for _, g in batch])))
     sync()
     return out, time.perf_counter() - t0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import encode_batches
+from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.identity import environment
 from splitvlm.core.profiles import settings_from
@@ -37,8 +38,8 @@ def chat_prompt(tokenizer, text: str) -> str:
 def run_chunks(engine, prompts: list[dict], order: list[int], batch: int, params) -> tuple[list[list[int]], float]:
     results: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
+    for part in chunks(len(order), batch):
+        idx = [order[i] for i in part]
         for i, out in zip(idx, engine.generate([prompts[i] for i in idx], params)):
             results[i] = list(out.outputs[0].token_ids)
     return results, time.perf_counter() - t0

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError, whole_line
 from splitvlm.core.images import read_image_bytes
@@ -202,8 +203,7 @@ class Decoder:
             cache = ResultCache(store, self.cfg) if self.cfg.cache else None
             with tqdm(total=len(jobs), unit="job", desc="decode", file=sys.stderr,
                       disable=None if self.cfg.show_progress else True) as bar:  # None: off unless a terminal
-                for start in range(0, len(jobs), self.cfg.batch_jobs):
-                    chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
+                for chunk in chunks(len(jobs), self.cfg.batch_jobs):
                     results = self._decode_chunk(jobs, keys, errors, chunk, store, cache)
                     bar.update(len(chunk))
                     self._count(results, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from splitvlm.core.batching import by_budget
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, first_line
 from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
@@ -205,33 +206,29 @@ class Encoder:
 
     def _batches(self, loaded: Iterable, stats: Stats, bar) -> Iterator[list[Prepared]]:
         """Batches of new images by patch budget; stored, duplicate and failed inputs counted on the way."""
-        batch: list[Prepared] = []
-        budget = 0
         seen: set[str] = set()
-        for item in loaded:
-            if isinstance(item, tuple):
-                kind, path, detail = item
-                if kind == "failed":
-                    self._fail(stats, path, detail)
-                elif detail in seen:
+
+        def new_images() -> Iterator[Prepared]:
+            for item in loaded:
+                if isinstance(item, tuple):
+                    kind, path, detail = item
+                    if kind == "failed":
+                        self._fail(stats, path, detail)
+                    elif detail in seen:
+                        stats.duplicates += 1
+                    else:
+                        seen.add(detail)
+                        stats.skipped += 1
+                    bar.update(1)
+                    continue
+                if item.key in seen:
                     stats.duplicates += 1
-                else:
-                    seen.add(detail)
-                    stats.skipped += 1
-                bar.update(1)
-                continue
-            if item.key in seen:
-                stats.duplicates += 1
-                bar.update(1)
-                continue
-            seen.add(item.key)
-            if batch and budget + item.num_patches > self.cfg.batch_patches:
-                yield batch
-                batch, budget = [], 0
-            batch.append(item)
-            budget += item.num_patches
-        if batch:
-            yield batch
+                    bar.update(1)
+                    continue
+                seen.add(item.key)
+                yield item
+
+        yield from by_budget(new_images(), lambda p: p.num_patches, self.cfg.batch_patches)
 
     def _entries(self, batch: list[Prepared], embeds: list[torch.Tensor], env: dict) -> list[Entry]:
         meta = {

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import config, flip_one_ulp, write_jobs
+from helpers import batch_runs, config, flip_one_ulp, write_jobs
 from test_sensitivity import chat_prompt, greedy, make_image
 
 from benchmarks.common import encode_batches
 from benchmarks.exactness import chat_prompt as text_prompt
-from benchmarks.exactness import run_chunks
 from splitvlm.cli.main import cli
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
@@ -29,7 +27,7 @@ from splitvlm.store.errors import StoreError
 from splitvlm.store.key import image_digest, key_from_digest
 from splitvlm.tools import demo
 from splitvlm.tools.make_model import build_config
-from splitvlm.tools.samples import PROMPTS, synthetic_image
+from splitvlm.tools.samples import synthetic_image
 from splitvlm.verify import verify
 
 TINY = {"tiny-qwen2.5-vl": ("qwen2.5-vl", 128, 0), "tiny-qwen3-vl": ("qwen3-vl", 512, 3)}  # family, width, deepstack
@@ -106,24 +104,11 @@ def test_batch_1_vs_8_vs_shuffled(family_engine):
     prepared = [family_engine.preprocess(im) for im in images]
     tokens_hw = [(int(g[0, 1]) // 2, int(g[0, 2]) // 2) for _, g in prepared]
     assert any(h > 4 or w > 4 for h, w in tokens_hw) and any(h % 4 or w % 4 for h, w in tokens_hw)
-    embeds, _ = encode_batches(family_engine, prepared, batch_patches=4096)
     alone = [family_engine.encode(pv, g)[0] for pv, g in prepared]
+    embeds, _ = encode_batches(family_engine, prepared, batch_patches=4096)
     assert all(torch.equal(a, b) for a, b in zip(embeds, alone))  # the tower: batch of 8 == one by one
-    tok = family_engine.tokenizer()
     jobs = [(i, 2 * (i % 2)) for i in range(8)]  # prompts 0 and 2 by turns
-    texts = [text_prompt(tok, PROMPTS[p]) for _, p in jobs]
-    e2e = [{"prompt": t, "multi_modal_data": {"image": images[i]}} for t, (i, _) in zip(texts, jobs)]
-    split = [{"prompt": t, "multi_modal_data": {"image": {"image_embeds": embeds[i], "image_grid_thw": prepared[i][1]}}}
-             for t, (i, _) in zip(texts, jobs)]
-    order = list(range(len(jobs)))
-    shuffled = order[:]
-    random.Random(1).shuffle(shuffled)
-    params = family_engine.sampling_params(max_tokens=16)
-    runs = {}
-    for name, prompts in (("e2e", e2e), ("split", split)):
-        runs[f"{name}/b1"], _ = run_chunks(family_engine, prompts, order, 1, params)
-        runs[f"{name}/b8"], _ = run_chunks(family_engine, prompts, order, 8, params)
-        runs[f"{name}/shuffled"], _ = run_chunks(family_engine, prompts, shuffled, 3, params)  # 3 + 3 + 2
+    runs = batch_runs(family_engine, images, prepared, embeds, jobs, text_prompt, shuffled_batch=3)  # 3 + 3 + 2
     reference = runs["e2e/b1"]
     assert len({tuple(t) for t in reference}) >= len(jobs) - 1
     for name, tokens in runs.items():

@@ -116,3 +116,11 @@ def test_no_import_cycles():
     for name in sorted(GRAPH):
         if name not in state and (cycle := visit(name)):
             pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_batching_helpers():
+    from splitvlm.core.batching import by_budget, chunks
+
+    assert [list(r) for r in chunks(5, 2)] == [[0, 1], [2, 3], [4]] and list(chunks(0, 3)) == []
+    assert list(by_budget([3, 4, 9, 1, 1, 2], lambda x: x, 7)) == [[3, 4], [9], [1, 1, 2]]
+    assert list(by_budget([], lambda x: x, 7)) == []

@@ -83,6 +83,12 @@ def build_family_config(spec: dict[str, Any], ids: dict[str, int], vocab_size: i
     vision_config = dict(**spec["vision"], in_channels=3, spatial_merge_size=2, temporal_patch_size=2)
     config_class, architecture = ((Qwen3VLConfig, "Qwen3VLForConditionalGeneration") if qwen3
                                   else (Qwen2_5_VLConfig, "Qwen2_5_VLForConditionalGeneration"))
+    return finish_config(config_class, text_config, vision_config, ids, spec, architecture, tokens)
+
+
+def finish_config(config_class, text_config: dict, vision_config: dict, ids: dict[str, int], spec: dict[str, Any],
+                  architecture: str, tokens: dict[str, int]):
+    """A family's transformers config from its parts, with the special token ids where every reader looks."""
     config = config_class(
         text_config=text_config,
         vision_config=vision_config,

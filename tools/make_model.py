@@ -17,6 +17,7 @@ from splitvlm.core.errors import SplitVLMError
 from splitvlm.tools.family_archs import (
     FAMILY_ARCHS,
     build_family_config,
+    finish_config,
     make_family_processor,
     model_class,
 )
@@ -95,20 +96,8 @@ def build_config(arch: str, tokenizer=None):
         hidden_size=text["hidden_size"],
         in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
     )
-    config = Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-        tie_word_embeddings=spec["tie_word_embeddings"],
-        architectures=["Qwen2VLForConditionalGeneration"],
-        dtype="bfloat16",
-    )
-    for key, value in tokens.items():  # older readers look at the top level
-        setattr(config, key, value)
-    return config
+    return finish_config(Qwen2VLConfig, text_config, vision_config, ids, spec, "Qwen2VLForConditionalGeneration",
+                         tokens)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.images import load_image
@@ -124,8 +125,7 @@ class Verifier:
         tokenizer = self.engine.tokenizer()
         results: list[Result] = []
         bar = tqdm(total=len(jobs), unit="job", desc="end-to-end", disable=None if self.cfg.show_progress else True, file=sys.stderr)
-        for start in range(0, len(jobs), self.cfg.batch_jobs):
-            chunk = range(start, min(start + self.cfg.batch_jobs, len(jobs)))
+        for chunk in chunks(len(jobs), self.cfg.batch_jobs):
             prompts, slots = [], []
             for i in chunk:
                 if errors[i] is not None:
