@@ -60,7 +60,7 @@ def ray_options(use_ray: bool, address: str | None, gpus: int | None, workers: i
 @click.argument("inputs", nargs=-1, required=True)
 def command(inputs, failures, batch_patches, loader_threads, full_engine, overwrite, stats_json,
             use_ray, address, gpus, workers, ray_batch, **kw) -> None:
-    """Encode images with vLLM's own Qwen2-VL vision tower into the store.
+    """Encode images with vLLM's own vision tower (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) into the store.
 
     INPUTS are image files, folders (recursive), globs, .txt lists of paths or .jsonl files
     with an "image" field. Images already stored are skipped. Bad inputs are reported one

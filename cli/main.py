@@ -26,7 +26,7 @@ from splitvlm.core.errors import SplitVLMError, first_line
 @click.version_option(package_name="splitvlm")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Split Qwen2-VL inference: pre-encode images into an LMDB store once, decode from it
+    """Split Qwen-VL inference (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): pre-encode images into an LMDB store once, decode from it
     many times in vLLM, and verify the split path gives exactly the end-to-end bytes.
 
     \b
