@@ -1,7 +1,8 @@
 """Batch-invariance matrix through splitvlm's Decoder: batch 1, 8, 256, 1024 and shuffled, in one engine.
 
 python -m benchmarks.batch_matrix --model DIR --store S --jobs jobs.jsonl --out matrix.json
-    [--sample 32] [--max-tokens 32] [--kv-cache-memory-bytes N] [--gpu-memory-utilization F] [--save-outputs batch_256.jsonl]
+    [--sample 32] [--max-tokens 32] [--kv-cache-memory-bytes N] [--gpu-memory-utilization F] [--max-model-len N]
+    [--save-outputs batch_256.jsonl]
 
 Every output is compared with batch 256 (token ids and text bytes). Batch 1 runs a sample of
 the jobs, batch 8 the first 256, the others all of them. --save-outputs writes batch 256's
@@ -39,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", default="exact")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--save-outputs", help="Write batch 256's results here as JSONL.")
     ap.add_argument("--seed", type=int, default=0)
     return ap
@@ -50,7 +52,8 @@ def main() -> None:
     jobs = read_jobs(args.jobs)
     cfg = Config(model=args.model, store=args.store, profile=args.profile, max_tokens=args.max_tokens,
                  kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                 gpu_memory_utilization=args.gpu_memory_utilization, show_progress=False)
+                 gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                 show_progress=False)
     t0 = time.perf_counter()
     decoder = Decoder(cfg)
     engine = decoder.engine

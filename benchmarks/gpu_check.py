@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--step-timeout", type=float, default=420)
     ap.add_argument("--lanes", default="decode,verify,matrix",
                     help="Which lanes run after encode (comma list; 'none' for encode and store check only).")
+    ap.add_argument("--max-model-len", type=int, default=32768,
+                    help="Each lane's context: Qwen2-VL-2B's own; Qwen3-VL's 262,144 needs 28 GiB of KV cache, "
+                         "more than a lane's fixed cache (seen on the H200 at 031e8a3).")
     ap.add_argument("--lane-memory", type=float, default=0.2,
                     help="--gpu-memory-utilization of each lane's engine: vLLM refuses to start unless that share "
                          "of the GPU is free, whatever the KV cache size.")
@@ -204,7 +207,7 @@ def matrix_argv(args: argparse.Namespace, work: Path, jobs: list[str]) -> list[s
     """benchmarks.batch_matrix's command line for lane c (tests/test_benchmarks.py parses it with its parser)."""
     return ["--model", str(work / "model"), "--store", str(work / "store"), *jobs, "--sample", str(args.sample),
             "--kv-cache-memory-bytes", str(args.lane_kv_bytes), "--gpu-memory-utilization", str(args.lane_memory),
-            "--save-outputs", str(work / "batch_256.jsonl"), "--out", str(work / "matrix.json")]
+            "--max-model-len", str(args.max_model_len), "--save-outputs", str(work / "batch_256.jsonl"), "--out", str(work / "matrix.json")]
 
 
 def lane_matrix(c: Check, _common: list[str], jobs: list[str], njobs: int) -> None:
@@ -240,7 +243,7 @@ def main() -> None:
 
     jobs = ["--jobs", str(w / "jobs.jsonl"), "--max-tokens", str(args.max_tokens)]
     shared = [*common, "--kv-cache-memory-bytes", str(args.lane_kv_bytes),
-              "--gpu-memory-utilization", str(args.lane_memory)]
+              "--gpu-memory-utilization", str(args.lane_memory), "--max-model-len", str(args.max_model_len)]
     chosen = [LANES[name] for name in args.lanes.split(",") if name in LANES]
     c.report["lanes"] = args.lanes
     with ThreadPoolExecutor(3) as lanes:

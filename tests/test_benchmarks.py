@@ -94,4 +94,5 @@ def test_gpu_check_lane_c_speaks_batch_matrix_s_command_line(tmp_path):
     argv = gpu_check.matrix_argv(args, tmp_path, ["--jobs", str(tmp_path / "j.jsonl"), "--max-tokens", "32"])
     parsed = batch_matrix.parser().parse_args(argv)
     assert parsed.gpu_memory_utilization == args.lane_memory and parsed.kv_cache_memory_bytes == args.lane_kv_bytes
+    assert parsed.max_model_len == args.max_model_len == 32768  # Qwen3-VL's 262,144 did not fit a lane's KV cache
     assert parsed.save_outputs == str(tmp_path / "batch_256.jsonl")
