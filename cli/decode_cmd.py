@@ -133,7 +133,7 @@ def command(jobs_path, out, resume, max_tokens, stop, limit_images, on_missing, 
     if stats_json:
         check_writable(stats_json, "--stats-json")
     decoder = Decoder(cfg, encode_missing=missing_encoder(cfg, lambda: decoder.engine),
-                      model_access=spot_check > 0 or on_missing == "encode")
+                      model_access=True if spot_check > 0 else None)  # None: as on_missing needs
     jobs = read_jobs(jobs_path)
     done, failed_before = finished_lines(out) if resume else (set(), 0)
     todo = [job for job in jobs if job.id not in done]

@@ -13,7 +13,7 @@ import torch
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, whole_line
 from splitvlm.core.plugin import VARIABLE
-from splitvlm.core.profiles import Profile, get_profile, settings_from
+from splitvlm.core.profiles import Profile, get_profile, process_env, settings_from
 
 ENGINE_PROCESS = ("auto", "inprocess", "separate")
 _process_env: dict[str, str] | None = None
@@ -49,12 +49,10 @@ def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False, se
     separate: vLLM's engine core in its own process (vLLM's default) or in this one; None for a
     process that only needs the profile's environment (a tokenizer), not an engine."""
     global _process_env, _engine_process
-    env = {**profile.env(gpu), **_runner_env(gpu, encoder_only)}
     given = os.environ.get(VARIABLE)  # the user's, for an experiment, or this process's earlier value
-    if given and settings_from(given).profile == profile.name:
-        env[VARIABLE] = given  # its overrides win
-    elif given and _process_env is None:
+    if given and _process_env is None and settings_from(given).profile != profile.name:
         raise SplitVLMError(f"{VARIABLE}={given!r} names another profile than --profile {profile.name}")
+    env = {**process_env(profile, gpu), **_runner_env(gpu, encoder_only)}
     if _process_env is not None and _process_env != env:
         raise SplitVLMError(
             f"this process already runs vLLM with profile settings {_process_env}; "
@@ -65,13 +63,12 @@ def _prepare_process(profile: Profile, gpu: bool, encoder_only: bool = False, se
         if _engine_process not in (None, mode):  # an engine core here caches vLLM's environment
             raise SplitVLMError(f"this process already started an engine {_engine_process}; "
                                 f"an engine {mode} needs a new process")
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
         _engine_process = mode
     if not gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # splitvlm prints its own progress
     os.environ.update(env)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     _process_env = env
 
 

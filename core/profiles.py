@@ -81,6 +81,16 @@ def settings_from(value: str | None) -> ProcessSettings:
     return ProcessSettings(name, **fields)
 
 
+def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
+    """The environment a profile gives vLLM in this process: Profile.env, except that a
+    SPLITVLM_PROFILE already set for the same profile (an experiment's overrides) wins."""
+    env = profile.env(gpu)
+    given = os.environ.get("SPLITVLM_PROFILE")
+    if given and settings_from(given).profile == profile.name:
+        env["SPLITVLM_PROFILE"] = given
+    return env
+
+
 def vision_mode() -> str:
     """How the tower batches images in this process (the model reads it at each call)."""
     return settings_from(os.environ.get("SPLITVLM_PROFILE")).vision

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import struct
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ import torch
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import environment, resolve_model_dir
-from splitvlm.core.profiles import get_profile, settings_from
+from splitvlm.core.profiles import get_profile, process_env
 from splitvlm.core.provenance import Provenance
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json
@@ -53,11 +52,7 @@ def checkpoint_fingerprint(model: str) -> str:
 
 def profile_settings(profile_name: str) -> dict[str, str]:
     """The environment a profile gives vLLM in this process (a SPLITVLM_PROFILE set by the user wins)."""
-    env = get_profile(profile_name).env(torch.cuda.is_available())
-    given = os.environ.get("SPLITVLM_PROFILE")
-    if given and settings_from(given).profile == profile_name:
-        env["SPLITVLM_PROFILE"] = given
-    return env
+    return process_env(get_profile(profile_name), torch.cuda.is_available())
 
 
 def sampling(cfg: Config) -> dict:
