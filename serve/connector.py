@@ -43,6 +43,7 @@ class StoreMetadata(ECConnectorMetadata):
 
     loads: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     new: dict[str, NewItem] = field(default_factory=dict)
+    embedded: list[str] = field(default_factory=list)  # stored embeddings passing through, not tower work
 
 
 @dataclass
@@ -87,6 +88,8 @@ class StoreConnector(ECConnectorBase):
         self._ready: dict[str, torch.Tensor] = {}  # identifier -> checked embedding, until scheduled
         self._loads: list[tuple[str, torch.Tensor]] = []
         self._new: dict[str, NewItem] = {}
+        self._embedded: list[str] = []  # scheduler: to announce; worker: a set of those announced
+        self._passing: set[str] = set()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="splitvlm-store") if self.scheduler else None
         self._lead = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if self.secret is None:
@@ -113,8 +116,12 @@ class StoreConnector(ECConnectorBase):
     def _begin(self, request) -> Pending:
         images = [f for f in request.mm_features if f.modality == "image"]
         extra = getattr(request.sampling_params, "extra_args", None) or {}
-        refs = verify(self.secret, extra.get(XARG)) if XARG in extra else None
-        if not images or refs is None:
+        signed = verify(self.secret, extra.get(XARG)) if XARG in extra else None
+        if not images or signed is None:
+            return Pending()
+        refs = signed.refs
+        if signed.embedded:  # the middleware put stored embeddings in: vLLM passes them through its encoder step
+            self._embedded += [f.identifier for f in images]
             return Pending()
         if len(refs) != len(images):
             log.warning("splitvlm serve: request %s has %d images but %d keys; the tower runs for all",
@@ -143,8 +150,8 @@ class StoreConnector(ECConnectorBase):
             self._new[identifier] = pending.new.pop(identifier)
 
     def build_connector_meta(self, scheduler_output) -> StoreMetadata:
-        meta = StoreMetadata(self._loads, self._new)
-        self._loads, self._new = [], {}
+        meta = StoreMetadata(self._loads, self._new, self._embedded)
+        self._loads, self._new, self._embedded = [], {}, []
         self.counts.flush()
         return meta
 
@@ -164,7 +171,10 @@ class StoreConnector(ECConnectorBase):
             return
         if len(self._new) > 65536:  # images of requests that ended before the tower ran
             self._new.clear()
+        if len(self._passing) > 65536:  # embeddings already in vLLM's encoder cache never pass again
+            self._passing.clear()
         self._new.update(meta.new)
+        self._passing.update(meta.embedded)
         device = self._device()
         with _sync_allowed():
             for identifier, embeds in meta.loads:
@@ -172,8 +182,12 @@ class StoreConnector(ECConnectorBase):
                     encoder_cache[identifier] = embeds.to(device)
 
     def save_caches(self, encoder_cache, mm_hash: str, **kwargs) -> None:
-        """Called for every tower output: counted, and stored under --store-new."""
+        """Called for every encoder output: a tower output is counted, and stored under --store-new;
+        a stored embedding the middleware put in the request only passed through."""
         if not self._lead:
+            return
+        if mm_hash in self._passing:
+            self._passing.discard(mm_hash)
             return
         self.counts.add("tower_images")
         item = self._new.pop(mm_hash, None)

@@ -26,6 +26,14 @@ def expect_of(model_config) -> Expect:
     return Expect(layout.width, model_config.dtype, layout.merge_size, family.name, layout.deepstack)
 
 
+def expect_of_settings(settings: ServeSettings) -> Expect:
+    """The same, from the checkpoint's config.json and the run's dtype (the API server has no model config)."""
+    from splitvlm.core.families import layout_of_model
+
+    family, layout = layout_of_model(settings.model)
+    return Expect(layout.width, settings.provenance["dtype"], layout.merge_size, family.name, layout.deepstack)
+
+
 class StoreAccess:
     """One store handle per process (LMDB allows one environment per process), opened on first use."""
 
@@ -45,8 +53,9 @@ class StoreAccess:
                 StoreAccess._store = EmbeddingStore(self.settings.store, readonly=not self.settings.store_new)
             return StoreAccess._store
 
-    def read(self, key: str, tokens: int) -> torch.Tensor | None:
-        """The checked embedding under key when it is there and fits `tokens` placeholders; None otherwise."""
+    def entry(self, key: str, tokens: int | None = None) -> Entry | None:
+        """The checked entry under key (fitting `tokens` placeholders when given); None when it is
+        absent, and None with a warning when it is damaged, foreign or of another layout."""
         try:
             store = self.store()
             if key not in store:
@@ -56,12 +65,17 @@ class StoreAccess:
             made = entry.meta.get("model_fingerprint")
             if made and made != self.provenance.model_fingerprint:
                 raise SplitVLMError(f"{key}: encoded by another model (vision weights {made[:12]}…)")
-            if entry.n_tokens != tokens:
+            if tokens is not None and entry.n_tokens != tokens:
                 raise SplitVLMError(f"{key}: {entry.n_tokens} embedding rows, the request has {tokens} placeholders")
         except SplitVLMError as exc:  # StoreError too: a damaged or foreign entry is a miss, never an error
             log.warning("splitvlm serve: not using a stored entry: %s", exc)
             return None
-        return entry.image_embeds
+        return entry
+
+    def read(self, key: str, tokens: int) -> torch.Tensor | None:
+        """The checked embedding under key when it is there and fits `tokens` placeholders; None otherwise."""
+        entry = self.entry(key, tokens)
+        return None if entry is None else entry.image_embeds
 
     def write(self, key: str, digest: str, embeds: torch.Tensor, grid: list[int]) -> bool:
         """Store one tower output as `splitvlm encode` would (--store-new); False when it was there."""

@@ -1,5 +1,6 @@
-"""The API server's side of `splitvlm serve`: an ASGI middleware (vLLM's --middleware) that gives each
-chat request's images their store keys, signed, and hands vLLM bytes that decode to splitvlm's pixels."""
+"""The API server's side of `splitvlm serve`: an ASGI middleware (vLLM's --middleware) that puts a chat
+request's stored images in as their stored embeddings, or else gives its images their store keys, signed,
+and hands vLLM bytes that decode to splitvlm's pixels."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from vllm.multimodal.media.base import MediaIO
 from splitvlm.core.errors import SplitVLMError, first_line
 from splitvlm.core.images import decode_image, read_image_bytes
 from splitvlm.core.provenance import Provenance
+from splitvlm.serve.lookup import StoreAccess, expect_of_settings
 from splitvlm.serve.metrics import register_collector
-from splitvlm.serve.settings import XARG, ServeSettings, secret, sign
+from splitvlm.serve.settings import XARG, Counts, ServeSettings, secret, sign
 from splitvlm.store.key import image_digest
 
 CHAT_PATH = "/v1/chat/completions"
@@ -60,6 +62,22 @@ def canonical(data: bytes, name: str) -> bytes | None:
     return out.getvalue()
 
 
+def tensor_text(tensor) -> str:
+    """A tensor as vLLM's image_embeds parts take it: torch.save's bytes in base64."""
+    import torch
+
+    out = io.BytesIO()
+    torch.save(tensor.contiguous(), out)
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def embeds_part(entry) -> dict:
+    """An image_embeds content part holding a stored entry (the form `decode` hands vLLM: embeddings
+    and the grid; vLLM's chat parser stacks the grids of a request's parts into [images, 3])."""
+    return {"type": "image_embeds", "image_embeds": {"image_embeds": tensor_text(entry.image_embeds),
+                                                     "image_grid_thw": tensor_text(entry.image_grid_thw.reshape(3))}}
+
+
 def _url(part: dict) -> Any:
     value = part.get("image_url")
     return value.get("url") if isinstance(value, dict) else value
@@ -96,6 +114,8 @@ class StoreKeys:
         self.secret = secret()
         self.media = MediaConnector(allowed_local_media_path=self.settings.allowed_media_path,
                                     allowed_media_domains=self.settings.allowed_media_domains)
+        self.access = StoreAccess(self.settings, expect_of_settings(self.settings))
+        self.counts = Counts(self.settings.run_dir, "api")
         key = os.environ.get("VLLM_API_KEY")
         self.api_key = hashlib.sha256(key.encode()).digest() if key else None
         register_collector(self.settings.run_dir)
@@ -152,13 +172,36 @@ class StoreKeys:
         parts = _image_parts(body)
         if not parts and not had_xarg:
             return raw
-        refs = await asyncio.gather(*(self._key(part, n) for n, part in enumerate(parts, 1)))
+        fetched = await asyncio.gather(*(self._fetch(part, n) for n, part in enumerate(parts, 1)))
+        refs = [(self.provenance.key_of_digest(digest), digest.hex()) for _, digest in fetched]
+        stored = await asyncio.to_thread(self._stored, [key for key, _ in refs]) if parts else None
+        if stored is not None:  # vLLM takes them as they are: no image decoding, no processor, no tower
+            for part, new in zip(parts, stored):
+                part.clear()
+                part.update(new)
+        else:  # vLLM takes all of a request's images as images or all as embeddings: the tower or the connector
+            await asyncio.gather(*(self._as_image(part, data, n) for n, (part, (data, _)) in enumerate(zip(parts, fetched), 1)))
         if parts and self.secret is not None:
-            body["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), XARG: sign(self.secret, refs)}
+            body["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}),
+                                  XARG: sign(self.secret, refs, embedded=stored is not None)}
         return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
-    async def _key(self, part: dict, n: int) -> tuple[str, str]:
-        """Fetch one image as vLLM would, key it, and give vLLM bytes that decode to splitvlm's pixels."""
+    def _stored(self, keys: list[str]) -> list[dict] | None:
+        """image_embeds parts for the keys when every one is stored and passes decode's checks; else None."""
+        entries = []
+        for key in keys:
+            entry = self.access.entry(key)
+            if entry is None:
+                return None
+            entries.append(entry)
+        parts = [embeds_part(entry) for entry in entries]
+        self.counts.add("store_hits", len(parts))
+        self.counts.add("store_embeds", len(parts))
+        self.counts.flush()
+        return parts
+
+    async def _fetch(self, part: dict, n: int) -> tuple[bytes, bytes]:
+        """One image's bytes, fetched as vLLM would, and their blake3 digest."""
         from vllm import envs
 
         url = _url(part)
@@ -168,17 +211,19 @@ class StoreKeys:
             data = await self.media.load_from_url_async(url, RawBytes(), fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT)
         except Exception as exc:  # not allowed, not found, not base64, an http error: vLLM's own message
             raise RequestError(f"image {n}: {first_line(exc)}") from None
+        return data, image_digest(data)
+
+    async def _as_image(self, part: dict, data: bytes, n: int) -> None:
+        """Give vLLM bytes that decode to splitvlm's pixels, as a data: URL (vLLM reads no file or URL again)."""
         try:
             replaced = await asyncio.to_thread(canonical, data, f"image {n}")
         except SplitVLMError as exc:
             raise RequestError(str(exc)) from None
         if replaced is not None:
             _set_url(part, "data:image/png;base64," + base64.b64encode(replaced).decode("ascii"))
-        elif not url[:5].lower() == "data:":  # vLLM reads what was keyed, not the file or URL again
+        elif not _url(part)[:5].lower() == "data:":
             _set_url(part, "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii"))
         part.pop("uuid", None)  # vLLM would key its encoder cache by a client's uuid: another client's image
-        digest = image_digest(data)
-        return self.provenance.key_of_digest(digest), digest.hex()
 
 
 async def _error(send, message: str, status: int = 400) -> None:

@@ -15,6 +15,7 @@ SECRET_VARIABLE = "SPLITVLM_SERVE_SECRET"  # signs the image keys the middleware
 XARG = "splitvlm_images"  # the request's vllm_xargs entry (sampling_params.extra_args in the engine)
 COUNTERS = {  # name: help, as /metrics shows them (with _total)
     "store_hits": "Images whose embedding came from the store: vision tower calls avoided",
+    "store_embeds": "Of those, images handed to vLLM as their stored embedding: no image processing either",
     "store_misses": "Images with a store key whose entry was absent or unusable (the tower ran)",
     "tower_images": "Images the vision tower encoded in this server",
     "stored_new": "Tower outputs written to the store (--store-new)",
@@ -57,21 +58,35 @@ def secret() -> bytes | None:
     return bytes.fromhex(value) if value else None
 
 
-def sign(key: bytes, refs: list[tuple[str, str]]) -> str:
-    """The token for a request's images in order: (store key, image blake3 hex) each, with an HMAC."""
-    body = ",".join(f"{k}.{d}" for k, d in refs)
+EMBEDDED = "embeds;"  # a token's prefix: the middleware put the request's images in as stored embeddings
+
+
+@dataclass
+class Signed:
+    """A request's images as the middleware signed them: (store key, image blake3 hex) each, in order,
+    and whether they reach vLLM as stored embeddings (else as images, for the tower or the connector)."""
+
+    refs: list[tuple[str, str]]
+    embedded: bool = False
+
+
+def sign(key: bytes, refs: list[tuple[str, str]], embedded: bool = False) -> str:
+    """The token for a request's images, with an HMAC over all of it."""
+    body = (EMBEDDED if embedded else "") + ",".join(f"{k}.{d}" for k, d in refs)
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest() + ":" + body
 
 
-def verify(key: bytes | None, token: object) -> list[tuple[str, str]] | None:
-    """The (key, digest) pairs of a token the middleware signed; None for anything else."""
+def verify(key: bytes | None, token: object) -> Signed | None:
+    """What a token the middleware signed says; None for anything else."""
     if key is None or not isinstance(token, str) or ":" not in token:
         return None
     mac, _, body = token.partition(":")
     if not hmac.compare_digest(mac, hmac.new(key, body.encode(), hashlib.sha256).hexdigest()):
         return None
+    embedded = body.startswith(EMBEDDED)
+    body = body.removeprefix(EMBEDDED)
     pairs = [item.partition(".") for item in body.split(",")] if body else []
-    return [(k, d) for k, _, d in pairs]
+    return Signed([(k, d) for k, _, d in pairs], embedded)
 
 
 class Counts:

@@ -90,7 +90,8 @@ def expected(tiny_model, engine, paths) -> dict:
     e2e = {j.id: (o.outputs[0].text, list(o.outputs[0].token_ids)) for j, o in zip(e2e_jobs, outputs)}
     reference = config(tiny_model, paths["root"] / "reference", max_tokens=TOKENS)  # the encoder's own entries
     Encoder(reference, engine=engine).encode(paths["unstored"])
-    return {"decode": decoded, "e2e": e2e, "tokenizer": tok, "keys": KeyMaker(cfg), "reference": reference.store}
+    return {"decode": decoded, "e2e": e2e, "tokenizer": tok, "keys": KeyMaker(cfg), "reference": reference.store,
+            "engine": engine}
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,7 @@ def test_stored_images_give_decode_bytes_without_the_tower(sequential, expected)
         assert len(got["prompt_token_ids"]) == want.prompt_tokens, job_id
     assert after["tower_images"] - before["tower_images"] == 0
     assert after["store_hits"] - before["store_hits"] == 32
+    assert after["store_embeds"] - before["store_embeds"] == 32  # as embeddings: no image processing either
     assert after["store_misses"] == before["store_misses"]
     assert len({a["text"] for a in answers.values()}) > 16  # outputs differ by image and prompt
 
@@ -203,8 +205,31 @@ def test_unstored_images_equal_end_to_end_and_are_stored(api, expected, tiny_mod
             assert torch.equal(served.get(key).image_embeds, ref.get(key).image_embeds), image
     again = {job_id: answer(api.post("/v1/chat/completions", json=b)) for job_id, b in requests}
     after = counters(api)
-    assert again == first
+    assert again == first  # the tower's output in flight == the same output stored and handed back as embeddings
     assert after["tower_images"] == middle["tower_images"] and after["store_hits"] - middle["store_hits"] == 4
+    assert after["store_embeds"] - middle["store_embeds"] == 4
+
+
+def test_a_request_with_stored_and_unstored_images(api, expected, tiny_model, paths, tmp_path):
+    """vLLM takes a request's images all as images or all as embeddings: one unstored image sends the
+    stored one through the connector (no tower for it), and the answer equals end to end."""
+    fresh = tmp_path / "fresh.png"
+    Image.effect_mandelbrot((64, 80), (-1.5, -1, 0.5, 1), 30).convert("RGB").save(fresh)
+    images = [paths["stored"][3], str(fresh)]
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode()}}
+               for p in images] + [{"type": "text", "text": "Compare."}]
+    request = {"model": tiny_model, "messages": [{"role": "user", "content": content}], "max_tokens": TOKENS,
+               "temperature": 0, "return_token_ids": True}
+    before = counters(api)
+    got = answer(api.post("/v1/chat/completions", json=request))
+    after = counters(api)
+    assert after["store_hits"] - before["store_hits"] == 1 and after["store_embeds"] == before["store_embeds"]
+    assert after["tower_images"] - before["tower_images"] == 1
+    job = Job("mixed", images, [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}])
+    tok, engine = expected["tokenizer"], expected["engine"]
+    prompt = {"prompt": build_prompt(tok, job), "multi_modal_data": {"image": [decode_image(Path(p).read_bytes()) for p in images]}}
+    output = engine.generate([prompt], engine.sampling_params(TOKENS))[0].outputs[0]
+    assert got["text"].encode() == output.text.encode() and got["token_ids"] == list(output.token_ids)
 
 
 def test_refusals_are_4xx_and_the_server_stays_up(api, server, sequential, tiny_model, paths):
