@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.side:
         side(args)
         return {}
+    if args.dir:  # the H200 run at 0dc8242 stopped here: --dir /tmp/bv did not exist yet
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench_vs_vllm_", dir=args.dir))
     plan = prepare(args, root)
     (root / "plan.json").write_text(json.dumps(plan))

@@ -67,7 +67,7 @@ def finished_lines(path: str) -> tuple[set[str], int]:
 @click.command("decode")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"id", "images": [path-or-key], "prompt"} or {"id", "messages": [...]} per line, with '
+              help='JSONL: {"id", "images": [path, URL, CONTAINER::MEMBER or key], "prompt"} or {"id", "messages": [...]} per line, with '
                    'optional "max_tokens" and "stop"; or OpenAI batch request lines (custom_id, body.messages).')
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="JSONL results, one line per job, in job order, appended batch by batch ('-': standard output). "

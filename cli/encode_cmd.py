@@ -11,6 +11,7 @@ import click
 from splitvlm.cli.options import check_writable, default, engine_options, make_config
 
 if TYPE_CHECKING:
+    from splitvlm.encoder.inputs import Inputs
     from splitvlm.encoder.ray_encode import RayOptions
 
 
@@ -37,6 +38,24 @@ def ray_options(use_ray: bool, address: str | None, gpus: int | None, workers: i
     return RayOptions(gpus=gpus, workers=workers, address=address, batch_images=ray_batch or RayOptions.batch_images)
 
 
+def read_inputs(inputs: tuple[str, ...], image_column: str | None, id_column: str | None, on_ray: bool) -> Inputs:
+    """The INPUTS checked, containers and their columns included, before any store is made or engine started."""
+    from splitvlm.encoder.inputs import Inputs
+
+    for value, option in ((image_column, "--image-column"), (id_column, "--id-column")):
+        if value is not None and not value.strip():
+            raise click.BadParameter("empty column name", param_hint=option)
+    sources = Inputs(inputs, image_column, id_column)
+    given = [o for o, v in (("--image-column", image_column), ("--id-column", id_column)) if v is not None]
+    if given and not sources.tables:
+        raise click.UsageError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with .parquet or datasets "
+                               "folder inputs only, and none is given")
+    if on_ray and sources.containers:
+        raise click.UsageError("--ray takes image files, lists and URLs; encode .tar, .parquet and datasets "
+                               "inputs without --ray")
+    return sources
+
+
 @click.command("encode")
 @engine_options
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
@@ -57,14 +76,24 @@ def ray_options(use_ray: bool, address: str | None, gpus: int | None, workers: i
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray --gpus 0: how many CPU workers, each its own vLLM engine [default: 1].")
 @click.option("--ray-batch", type=click.IntRange(min=1), default=None, help="With --ray: inputs per keying task and per call to a worker [default: 32].")
+@click.option("--image-column", default=None,
+              help="Parquet and datasets inputs: the column of image bytes (binary, or a struct with a bytes field "
+                   "as datasets writes images) [default: image].")
+@click.option("--id-column", default=None,
+              help="Parquet and datasets inputs: the column whose values name the rows in references "
+                   "(FILE::ID) [default: id, else __key__, else the row number].")
 @click.argument("inputs", nargs=-1, required=True)
 def command(inputs, failures, batch_patches, loader_threads, full_engine, overwrite, stats_json,
-            use_ray, address, gpus, workers, ray_batch, **kw) -> None:
+            use_ray, address, gpus, workers, ray_batch, image_column, id_column, **kw) -> None:
     """Encode images with vLLM's own vision tower (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) into the store.
 
-    INPUTS are image files, folders (recursive), globs, .txt lists of paths or .jsonl files
-    with an "image" field. Images already stored are skipped. Bad inputs are reported one
-    line each and the run goes on. Exit status 0 when every input is stored, 3 when some failed.
+    INPUTS are image files, folders (recursive), globs, .txt lists of paths, .jsonl files
+    with an "image" field, URLs (http(s); s3://, gs://... through fsspec), webdataset .tar
+    shards, .parquet files and datasets save_to_disk folders. Containers are streamed, never
+    unpacked; each image is stored with its reference (shard.tar::000123.jpg, data.parquet::ID;
+    docs/jobs.md) as its source. Images already stored are skipped. Bad inputs (a 404, a bad
+    member) are reported one line each and the run goes on. Exit status 0 when every input is
+    stored, 3 when some failed.
 
     \b
     On many GPUs (Ray):  splitvlm encode --ray --gpus 2 --model M --store S images/
@@ -74,6 +103,7 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
         if path:
             check_writable(path, option)
     on_ray = ray_options(use_ray, address, gpus, workers, ray_batch, overwrite)
+    sources = read_inputs(inputs, image_column, id_column, on_ray is not None)
     cfg = make_config(**kw).replace(failures=failures, batch_patches=batch_patches,
                                     loader_threads=loader_threads, overwrite=overwrite,
                                     encoder_only=not full_engine)
@@ -81,7 +111,7 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
     if on_ray is None:
         from splitvlm.encoder import Encoder
 
-        stats = Encoder(cfg).encode(inputs)
+        stats = Encoder(cfg).encode(sources)
     else:
         from splitvlm.encoder.ray_encode import encode_with_ray
 

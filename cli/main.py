@@ -2,26 +2,50 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
 
 import click
 
-from splitvlm.cli import (
-    decode_cmd,
-    demo_cmd,
-    encode_cmd,
-    env_cmd,
-    model_cmd,
-    serve_cmd,
-    store_cmd,
-    verify_cmd,
-)
 from splitvlm.core.errors import SplitVLMError, first_line
 
+# command name -> its module in splitvlm.cli, imported only when the command is run or listed:
+# `splitvlm store ...` then imports neither torch nor vLLM (docs/install.md)
+COMMANDS = {"encode": "encode_cmd", "decode": "decode_cmd", "verify": "verify_cmd", "serve": "serve_cmd",
+            "store": "store_cmd", "demo": "demo_cmd", "make-model": "model_cmd", "env": "env_cmd",
+            "jobs": "jobs_cmd"}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module on first use; one that cannot be imported here fails when run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMANDS:
+            try:
+                command = importlib.import_module(f"splitvlm.cli.{COMMANDS[name]}").command
+            except ImportError as exc:  # a store-only install has no torch
+                command = _unavailable(name, exc)
+            accept_debug(command)
+            self.add_command(command, name)
+        return super().get_command(ctx, name)
+
+
+def _unavailable(name: str, exc: ImportError) -> click.Command:
+    reason = f"needs {exc.name or first_line(exc)}, not installed here"
+
+    def fail(args: tuple[str, ...]) -> None:  # --debug shows the import's traceback
+        raise SplitVLMError(f"splitvlm {name} {reason} (see docs/install.md)") from exc
+
+    return click.Command(name, callback=fail, help=f"(unavailable: {reason})", params=[click.Argument(["args"], nargs=-1)],
+                         context_settings={"ignore_unknown_options": True})
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="splitvlm")
 @click.pass_context
@@ -33,6 +57,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     Typical flow:
       splitvlm make-model --arch tiny --out models/tiny
       splitvlm encode --model models/tiny --store S images/
+      splitvlm jobs --images images/ --prompt "Describe the image." --out jobs.jsonl
       splitvlm decode --model models/tiny --store S --jobs jobs.jsonl --out out.jsonl
       splitvlm verify --model models/tiny --store S --jobs jobs.jsonl
 
@@ -56,10 +81,6 @@ def accept_debug(command: click.Command) -> None:
     for sub in getattr(command, "commands", {}).values():
         accept_debug(sub)
 
-
-for module in (encode_cmd, decode_cmd, verify_cmd, serve_cmd, store_cmd, demo_cmd, model_cmd, env_cmd):
-    accept_debug(module.command)
-    cli.add_command(module.command)
 
 
 def main() -> None:

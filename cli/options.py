@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from splitvlm.core.config import Config
+from splitvlm.core.config import IMAGE_LOADERS, Config
 
 if TYPE_CHECKING:
     from splitvlm.encoder import Stats
@@ -31,6 +31,9 @@ def engine_options(f: Callable) -> Callable:
                      help="exact: settings under which split == end-to-end holds; fast: vLLM defaults."),
         click.option("--min-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's min_pixels."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Override the processor's max_pixels."),
+        click.option("--image-loader", type=click.Choice(IMAGE_LOADERS), default=default("image_loader"),
+                     show_default=True, help="vllm: the pixels vLLM's own image loading gives (end to end); scaled: "
+                          "the same, but 16-bit and float grey scaled to 8 bits (rint(v/257)). Part of the key."),
         click.option("--dtype", type=click.Choice(DTYPES), default=default("dtype"), show_default=True, help="Model dtype."),
         click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="vLLM max_model_len (default: the model's)."),
         click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
@@ -58,7 +61,7 @@ def make_config(**kw) -> Config:
                                  param_hint="--min-pixels")
     return Config(
         model=kw["model"], store=kw["store"], profile=kw["profile"],
-        min_pixels=kw["min_pixels"], max_pixels=kw["max_pixels"], dtype=kw["dtype"],
+        min_pixels=kw["min_pixels"], max_pixels=kw["max_pixels"], image_loader=kw["image_loader"], dtype=kw["dtype"],
         max_model_len=kw["max_model_len"], gpu_memory_utilization=kw["gpu_memory_utilization"],
         kv_cache_memory_bytes=kw["kv_cache_memory_bytes"],
         enforce_eager=kw["enforce_eager"], allow_mismatch=kw["allow_mismatch"], lock=kw["lock"],

@@ -87,8 +87,8 @@ def ls_cmd(store_path: str, as_json: bool) -> None:
 @click.option("--merge-size", type=int, help="... and this spatial merge size (all three together).")
 def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge_size: int | None) -> None:
     """Read and check every entry and every cached decode result; print each bad one; exit 1 if any is bad."""
-    from splitvlm.decoder.cache import check_results
     from splitvlm.store import Expect
+    from splitvlm.store.results import check_results  # not decoder.cache: check runs without torch
     from splitvlm.store.walk import old_keys
 
     given = [v is not None for v in (hidden_size, dtype, merge_size)]
@@ -122,14 +122,19 @@ def check_cmd(store_path: str, hidden_size: int | None, dtype: str | None, merge
 @click.option("--profile", type=click.Choice(["exact", "fast"]), default="exact", show_default=True)
 @click.option("--min-pixels", type=click.IntRange(min=1), default=None, help="As given to encode, if it was.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="As given to encode, if it was.")
-def rekey_cmd(model: str, store_path: str, profile: str, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Move entries made under older keys (splitvlm 0.1 put the model's path in the key) to this
-    version's keys. Each entry's source file is re-read and must still give its old key; an entry
-    whose source is gone or changed is named and left as it is. Resumable."""
+@click.option("--image-loader", type=click.Choice(["vllm", "scaled"]), default="vllm", show_default=True,
+              help="The loader to move entries of the older image loader to (as encode's --image-loader).")
+def rekey_cmd(model: str, store_path: str, profile: str, min_pixels: int | None, max_pixels: int | None,
+              image_loader: str) -> None:
+    """Move entries made under older keys (splitvlm 0.1 put the model's path in the key) or by the
+    older image loader to this version's keys. Each entry's source file is re-read and must still give
+    its old key; an older loader's entry moves only if its image decodes to the same pixels under
+    --image-loader (else it needs re-encoding). Entries not moved are named and left as they are. Resumable."""
     from splitvlm.core.config import Config
     from splitvlm.encoder.rekey import rekey
 
-    stats = rekey(Config(model=model, store=store_path, profile=profile, min_pixels=min_pixels, max_pixels=max_pixels))
+    stats = rekey(Config(model=model, store=store_path, profile=profile, min_pixels=min_pixels, max_pixels=max_pixels,
+                         image_loader=image_loader))
     for line in stats.failed:
         click.echo(line, err=True)
     click.echo(stats.summary())
@@ -215,7 +220,7 @@ def rm_cmd(store_path: str, keys: tuple[str, ...], clear_results: bool) -> None:
             absent = store.missing(keys)
             removed = store.delete(keys)
         if clear_results:
-            from splitvlm.decoder.cache import clear_results as clear
+            from splitvlm.store.results import clear_results as clear
 
             cleared = clear(store)
     for key in absent:

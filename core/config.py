@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from splitvlm.core.errors import SplitVLMError
+
+IMAGE_LOADERS = ("vllm", "scaled")  # splitvlm.core.images: vLLM's pixels, or 16-bit grey scaled to 8 bits
 
 @dataclass
 class Config:
@@ -13,6 +16,7 @@ class Config:
     dtype: str = "bfloat16"
     min_pixels: int | None = None
     max_pixels: int | None = None
+    image_loader: str = "vllm"  # one of IMAGE_LOADERS; part of the preprocessing identity (the key)
     batch_patches: int = 16384  # vision tower budget per encoder step, in patches
     max_tokens: int = 64
     stop: list[str] = field(default_factory=list)
@@ -35,6 +39,10 @@ class Config:
     lock: str | None = None  # a lock file from `splitvlm env --lock`: refuse other environments
     vllm_args: dict = field(default_factory=dict)  # more engine arguments, vLLM's names (core.vllm_args)
     engine_process: str = "auto"  # auto | inprocess | separate: where vLLM's engine core runs (Engine)
+
+    def __post_init__(self) -> None:
+        if self.image_loader not in IMAGE_LOADERS:
+            raise SplitVLMError(f"image loader {self.image_loader!r}: not one of {', '.join(IMAGE_LOADERS)}")
 
     def replace(self, **changes) -> Config:
         return replace(self, **changes)

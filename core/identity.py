@@ -116,7 +116,20 @@ def model_id(model: str) -> str:
     return os.path.abspath(model) if Path(model).expanduser().is_dir() else model
 
 
-LOADER_VERSION = "splitvlm-images-1"  # bump when splitvlm.core.images changes what it produces
+LOADER_VERSION = "splitvlm-images-2"  # bump when splitvlm.core.images changes what it produces
+LEGACY_LOADER_VERSION = "splitvlm-images-1"  # before vLLM's pixels; `store rekey` carries such entries over
+
+
+def with_loader(preprocess: dict, image_loader: str) -> dict:
+    """preprocess with the image loader's fields of this version (loader version and loader name)."""
+    return {**preprocess, "loader": LOADER_VERSION, "image_loader": image_loader}
+
+
+def legacy_preprocess(preprocess: dict) -> dict:
+    """preprocess as splitvlm-images-1 recorded it: its version and no loader name."""
+    out = {k: v for k, v in preprocess.items() if k != "image_loader"}
+    out["loader"] = LEGACY_LOADER_VERSION
+    return out
 
 
 def _saved_image_processor(root: Path) -> dict | None:
@@ -131,9 +144,10 @@ def _saved_image_processor(root: Path) -> dict | None:
     return saved
 
 
-def preprocess_identity(model: str, mm_processor_kwargs: dict) -> dict:
-    """Every image-processor setting that changes pixel_values, from the checkpoint plus overrides."""
-    fields: dict = {"loader": LOADER_VERSION}
+def preprocess_identity(model: str, mm_processor_kwargs: dict, image_loader: str = "vllm") -> dict:
+    """Every setting that changes pixel_values: the image loader (version and name, core.images), and
+    the image processor's settings from the checkpoint plus overrides."""
+    fields: dict = {}
     root = resolve_model_dir(model)
     saved = _saved_image_processor(root) if root is not None else None
     if saved is not None:
@@ -145,4 +159,4 @@ def preprocess_identity(model: str, mm_processor_kwargs: dict) -> dict:
         size = dict(fields.get("size") or {})
         size.update({"shortest_edge": fields.get("min_pixels"), "longest_edge": fields.get("max_pixels")})
         fields["size"] = size
-    return fields
+    return with_loader(fields, image_loader)  # last: no processor setting can shadow the loader

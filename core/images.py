@@ -1,13 +1,15 @@
 """The one image loader of splitvlm: encode, decode, verify and the end-to-end reference all use it.
 
-Rules (documented in docs/store-format.md): the first frame of an animated image; EXIF
-orientation applied; palette, grey and CMYK converted to RGB; alpha composited over white;
-16-bit and float images scaled to 8 bits. The key is made from the file's bytes, so any
-change to the file gives another key.
+The default loader, "vllm", gives exactly the RGB pixels of vLLM's own ImageMediaIO (image_mode RGB,
+white background) for the same bytes: the first frame, EXIF orientation applied as vLLM applies it,
+alpha and transparency pasted over white, every other mode through Pillow's convert("RGB").
+"scaled" differs only for 16-bit, 32-bit and float grey, which it scales to 8 bits first.
+Rules and refusals: docs/store-format.md. The key is made from the file's bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -18,15 +20,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from splitvlm.core.config import IMAGE_LOADERS
 from splitvlm.core.errors import SplitVLMError
 
 MAX_PIXELS = 100_000_000  # larger is treated as a decompression bomb
 MAX_ASPECT = 200  # Qwen2-VL refuses more extreme aspect ratios
 MIN_SIDE = 4
 STRIP_PIXELS = 1 << 20  # pixels per strip when converting: bounds the temporary copies
-DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # scaled to 8 bits by _to_8bit
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # scaled to 8 bits by _to_8bit under "scaled"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # no image file of a usable size is larger
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+WHITE = (255, 255, 255)  # vLLM's default rgba_background_color
+# vLLM 0.32's allowlist (vllm.multimodal.image.ALLOWED_IMAGE_FORMATS): Pillow's other readers
+# (EPS runs Ghostscript, WMF, BUFR, GRIB, HDF5, MPEG) are never opened.
+ALLOWED_FORMATS = ("AVIF", "BLP", "BMP", "CUR", "DCX", "DDS", "DIB", "FITS", "FLI", "FTEX", "GBR", "GIF", "ICNS",
+                   "ICO", "IM", "IMT", "IPTC", "JPEG", "JPEG2000", "MCIDAS", "MSP", "PCD", "PCX", "PIXAR", "PNG",
+                   "PPM", "PSD", "QOI", "SGI", "SPIDER", "SUN", "TGA", "TIFF", "WEBP", "XBM", "XPM", "XVTHUMB")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -94,55 +103,81 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(out)
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Bytes to an RGB PIL image by the canonical rules; ImageError with one line on bad input."""
+def open_image(data: bytes, name: str) -> Image.Image:
+    """Bytes to an opened, not yet decoded image; refused before decoding: unknown or disallowed formats,
+    decompression bombs, tiny sides and extreme aspect ratios."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: {w}x{h} is over {MAX_PIXELS:,} pixels (decompression bomb?)")
-            if getattr(img, "is_animated", False):
-                img.seek(0)
-            img.load()
-    except ImageError:
-        raise
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: too many pixels (decompression bomb)") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file") from None
+        raise ImageError(f"{name}: not an image file (or a format vLLM does not open)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: broken or truncated image ({exc})") from None
-    ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
     w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} is over {MAX_PIXELS:,} pixels (decompression bomb?)")
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{name}: {w}x{h} is too small (a side under {MIN_SIDE} px)")
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ImageError(f"{name}: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
-    if img.mode in DEEP_MODES:
-        img = _to_8bit(img)  # the deep image is dropped before the RGB copy is made
-    return _to_rgb(img)
+    return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        return _over_white(img)
-    return img.convert("RGB") if img.mode != "RGB" else img
+def load_pixels(img: Image.Image, name: str) -> None:
+    """Decode the opened frame (the first); ImageError on broken or truncated data."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: broken or truncated image ({exc})") from None
 
 
-def _over_white(img: Image.Image) -> Image.Image:
-    """RGBA composited over opaque white, strip by strip: no full-size background or blend."""
-    out = Image.new("RGB", img.size)
-    for box in _strips(img):
-        strip = img.crop(box)
-        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
-        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+def _oriented(img: Image.Image) -> Image.Image:
+    """vLLM's normalize_image: ImageOps.exif_transpose, a broken EXIF block ignored. Without an
+    orientation exif_transpose returns an equal copy, which is not made."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # exif_transpose would raise the same, and vLLM keeps the image as it is
+        return img
+    if orientation != 1:
+        with contextlib.suppress(Exception):
+            img = ImageOps.exif_transpose(img)
+    return img
+
+
+def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """vLLM's ImageMediaIO conversion to RGB, strip by strip (the same per-pixel Pillow operations):
+    RGB as it is; RGBA, LA, PA and images with a "transparency" entry converted to RGBA and pasted
+    over white with their alpha as the mask; every other mode by convert("RGB")."""
+    if img.mode == "RGB":
+        return img
+    transparent = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    out = Image.new("RGB", img.size, WHITE)
+    try:
+        for box in _strips(img):
+            strip = img.crop(box)
+            if transparent:
+                strip = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+                out.paste(strip, box[:2], mask=strip.getchannel("A"))
+            else:
+                out.paste(strip.convert("RGB"), box[:2])
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot convert mode {img.mode} to RGB ({exc})") from None
     return out
+
+
+def decode_image(data: bytes, name: str = "<bytes>", loader: str = "vllm") -> Image.Image:
+    """Bytes to an RGB PIL image by the loader's rules (IMAGE_LOADERS); ImageError with one line on bad input."""
+    if loader not in IMAGE_LOADERS:
+        raise ImageError(f"unknown image loader {loader!r} (one of {', '.join(IMAGE_LOADERS)})")
+    img = open_image(data, name)
+    load_pixels(img, name)
+    img = _oriented(img)
+    if loader == "scaled" and img.mode in DEEP_MODES:
+        img = _to_8bit(img)  # the deep image is dropped before the RGB copy is made
+    return to_rgb(img, name)
 
 
 def image_pixels(data: bytes) -> int:
@@ -150,14 +185,14 @@ def image_pixels(data: bytes) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
                 w, h = img.size
     except Exception:  # decode_image will refuse these bytes with its own message
         return 0
     return w * h if w * h <= MAX_PIXELS else 0
 
 
-def load_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:
-    """The file's bytes (for the key) and its canonical RGB image."""
+def load_image(path: str | os.PathLike, loader: str = "vllm") -> tuple[bytes, Image.Image]:
+    """The file's bytes (for the key) and its RGB image under the loader (IMAGE_LOADERS)."""
     data = read_image_bytes(path)
-    return data, decode_image(data, str(path))
+    return data, decode_image(data, str(path), loader)

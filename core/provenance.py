@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from splitvlm.core.config import Config
 from splitvlm.core.families import LEGACY, layout_of_model
-from splitvlm.core.identity import model_fingerprint, model_id, preprocess_identity
+from splitvlm.core.identity import LOADER_VERSION, model_fingerprint, model_id, preprocess_identity
 from splitvlm.store.key import (
     KEY_VERSION,
     canonical_json,
@@ -44,7 +44,7 @@ class Provenance:
 
     @classmethod
     def of(cls, cfg: Config) -> Provenance:
-        preprocess = preprocess_identity(cfg.model, cfg.mm_processor_kwargs)
+        preprocess = preprocess_identity(cfg.model, cfg.mm_processor_kwargs, cfg.image_loader)
         family, layout = layout_of_model(cfg.model)
         return cls(model_fingerprint(cfg.model), canonical_json(preprocess).decode(), cfg.profile, cfg.dtype,
                    model_id(cfg.model), family.name, layout.width, layout.deepstack)
@@ -118,6 +118,21 @@ class KeyMaker:
         return self.provenance.key_of_digest(image_digest(image_bytes))
 
 
+def recorded_preprocess(meta: dict) -> dict | None:
+    """The preprocessing an entry records in its provenance metadata (None when it records none)."""
+    try:
+        value = json.loads(meta.get("provenance") or "").get("preprocess")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def old_loader(meta: dict) -> bool:
+    """An encoder's entry under this version's key, made by an image loader of an older version."""
+    preprocess = recorded_preprocess(meta)
+    return not has_old_key(meta) and preprocess is not None and preprocess.get("loader") != LOADER_VERSION
+
+
 def explain_misses(provenance: Provenance, wanted: dict[str, bytes], metas: Iterable[tuple[str, dict]]) -> dict[str, str]:
     """For images missing from a store (name -> image digest), why: the same image stored under
     other settings (which differ), or keys of an old version. One pass over the entries' metadata."""
@@ -132,6 +147,9 @@ def explain_misses(provenance: Provenance, wanted: dict[str, bytes], metas: Iter
         if name is not None and name not in why:
             diffs = provenance.differences(meta.get("provenance", ""))
             why[name] = f"stored under other settings as {key[:16]}…: {'; '.join(diffs) or 'same settings'}"
+            if old_loader(meta):
+                why[name] += ("; made by an older image loader: `splitvlm store rekey` carries it over if the image "
+                              "decodes to the same pixels now, else re-encode it")
     if old:
         for name in wanted:
             why.setdefault(name, f"the store holds {old} entries with old-version keys; "

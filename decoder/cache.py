@@ -10,14 +10,12 @@ embeddings fix that expansion). Only exact-profile greedy outputs are cached.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import struct
 import time
 from collections.abc import Sequence
 
 import blake3
-import lmdb
 import torch
 
 from splitvlm.core.config import Config
@@ -27,10 +25,14 @@ from splitvlm.core.profiles import get_profile, process_env
 from splitvlm.core.provenance import Provenance
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json
+from splitvlm.store.results import (  # one format and one check, for decode and `store check`
+    FORMAT,
+    RESULT_FIELDS,
+    fields_checksum,
+)
+from splitvlm.store.results import checked as _checked
 
-FORMAT = "splitvlm.result/2"  # /2: a checksum over every returned field
 ENV_FIELDS = ("splitvlm", "vllm", "torch", "transformers", "cuda", "device")
-RESULT_FIELDS = ("text", "token_ids", "finish_reason", "sha256", "prompt_tokens", "keys")
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,58 +139,12 @@ class ResultCache:
         return self.store.write(lambda txn: sum(bool(txn.put(k, v, db=db)) for k, v in values), size_hint=size)
 
 
-def fields_checksum(fields: dict) -> str:
-    """sha256 over the canonical JSON of every field a cached result returns."""
-    return hashlib.sha256(canonical_json({f: fields[f] for f in RESULT_FIELDS}, "cached result")).hexdigest()
-
-
-def _checked(raw: bytes) -> dict | None:
-    """The fields of a stored result, or None when anything in it was changed (or it is of another format)."""
-    try:
-        value = json.loads(raw)
-        fields = {f: value[f] for f in RESULT_FIELDS}
-        ok = (value.get("format") == FORMAT and value.get("checksum") == fields_checksum(fields)
-              and isinstance(fields["text"], str)
-              and hashlib.sha256(fields["text"].encode("utf-8")).hexdigest() == fields["sha256"])
-    except (ValueError, KeyError, TypeError, SplitVLMError):
-        return None
-    return fields if ok else None
-
-
-def check_results(store: EmbeddingStore) -> tuple[int, list[str]]:
-    """Every cached result read and checked: how many there are, and the keys of those that fail."""
-    db = store.results_db()
-    if db is None:
-        return 0, []
-    bad, n = [], 0
-    with store.read() as txn:
-        for key, raw in txn.cursor(db=db):
-            n += 1
-            if _checked(bytes(raw)) is None:
-                bad.append(bytes(key).decode("utf-8", "replace"))
-    return n, bad
-
-
 def count_results(store: EmbeddingStore) -> int:
     db = store.results_db()
     if db is None:
         return 0
     with store.read() as txn:
         return txn.stat(db)["entries"]
-
-
-def clear_results(store: EmbeddingStore) -> int:
-    """Remove every cached result (the embeddings stay); returns how many there were."""
-    db = store.results_db()
-    if db is None:
-        return 0
-
-    def drop(txn: lmdb.Transaction) -> int:
-        n = txn.stat(db)["entries"]
-        txn.drop(db, delete=False)
-        return n
-
-    return store.write(drop)
 
 
 def check_cacheable(cfg: Config) -> None:

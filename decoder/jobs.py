@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitvlm.core.errors import SplitVLMError
+from splitvlm.core.sources import rebase
 from splitvlm.store.key import is_key
 
 UPPER_KEY_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -19,7 +20,7 @@ class Job:
     it fails on its own, and the other jobs run."""
 
     id: str
-    images: list[str]  # paths or store keys, in prompt order
+    images: list[str]  # references (paths, URLs, container members: core.sources) or store keys, in prompt order
     messages: list[dict]  # chat messages with {"type": "image"} parts in place of the images
     error: str | None = None
     max_tokens: int | None = None  # the job's own, else the run's --max-tokens
@@ -41,9 +42,6 @@ def _image_ref(part: dict, where: str) -> str:
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str) or not url:
             raise JobError(f"{where}: image_url part without a url string")
-        if re.match(r"^(data|https?|s3|gs):", url):
-            raise JobError(f"{where}: image_url {url[:24]}…: jobs name images by path, file:// URL or store key "
-                           "(save the image, or encode it and give its key)")
         return _checked_ref(url.removeprefix("file://"), where)
     ref = part.get("image") or part.get("path") or part.get("key")
     if not isinstance(ref, str) or not ref:
@@ -52,6 +50,9 @@ def _image_ref(part: dict, where: str) -> str:
 
 
 def _checked_ref(ref: str, where: str) -> str:
+    if ref[:5].lower() == "data:":  # the image inside the line: no reference that encode or verify can re-read
+        raise JobError(f"{where}: a data: URL image: jobs name images by path, URL, container member or store "
+                       "key (save the image, or encode it and give its key)")
     if UPPER_KEY_RE.match(ref) and not is_key(ref) and not Path(ref).exists():
         raise JobError(f"{where}: {ref[:16]}… looks like a store key, but keys are lowercase hex")
     return ref
@@ -161,8 +162,8 @@ def parse_job(obj: object, where: str) -> Job:
 
 
 def read_jobs(path: str) -> list[Job]:
-    """Jobs of a UTF-8 JSONL file, one per non-empty line; relative image paths are taken from the
-    file's folder. A line that breaks the schema becomes a Job with error set (its id is the job's
+    """Jobs of a UTF-8 JSONL file, one per non-empty line; relative image paths (and containers of
+    member references) are taken from the file's folder. A line that breaks the schema becomes a Job with error set (its id is the job's
     "id" where readable, else "line N")."""
     p = Path(path)
     if not p.is_file():
@@ -191,7 +192,7 @@ def read_jobs(path: str) -> list[Job]:
         if job.id in ids:  # the failed line of a duplicate, or a failed line whose id repeats
             job.id = f"line {n}"
         ids.add(job.id)
-        job.images = [ref if names_a_key(ref) or Path(ref).is_absolute() else str(p.parent / ref) for ref in job.images]
+        job.images = [ref if names_a_key(ref) else rebase(ref, p.parent) for ref in job.images]
         jobs.append(job)
     return jobs
 

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError, whole_line
-from splitvlm.core.images import read_image_bytes
 from splitvlm.core.lock import EntryCheck
 from splitvlm.core.provenance import KeyMaker, explain_misses
+from splitvlm.core.sources import read_bytes
 from splitvlm.decoder.cache import (
     ResultCache,
     check_cacheable,
@@ -110,7 +110,7 @@ class Decoder:
                 continue
             try:
                 if ref not in self._path_keys:  # an image shared by many jobs is read and hashed once
-                    self._path_keys[ref] = self.keys(read_image_bytes(ref))
+                    self._path_keys[ref] = self.keys(read_bytes(ref))
                 keys.append(self._path_keys[ref])
             except SplitVLMError as exc:
                 return [], f"job {job.id}: {exc}"
@@ -148,12 +148,12 @@ class Decoder:
                     ref + (f" ({why[ref]})" if ref in why else "") for ref in refs)
 
     def _why_missing(self, refs: list[str], store: EmbeddingStore) -> dict[str, str]:
-        """For image files not in the store: the same image stored under which other settings (one header pass)."""
+        """For images (paths, URLs, container members) not in the store: the same image stored under which other settings (one header pass)."""
         wanted = {}
         for ref in refs:
             if not names_a_key(ref):
                 with contextlib.suppress(SplitVLMError):
-                    wanted[ref] = image_digest(read_image_bytes(ref))
+                    wanted[ref] = image_digest(read_bytes(ref))
         return explain_misses(self.keys.provenance, wanted, store.metas()) if wanted else {}
 
     def _check_model(self, entry: Entry) -> None:

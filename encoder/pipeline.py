@@ -21,7 +21,8 @@ from splitvlm.core.errors import EngineStartError, SplitVLMError, first_line
 from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
 from splitvlm.core.lock import check_lock
 from splitvlm.core.provenance import KeyMaker
-from splitvlm.encoder.inputs import expand_inputs
+from splitvlm.core.sources import is_path, read_bytes
+from splitvlm.encoder.inputs import Inputs, Item
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import image_digest
 
@@ -170,20 +171,25 @@ class Encoder:
         stats.failures.append({"path": path, "error": error})
         print(f"skipped {error}", file=sys.stderr)
 
-    def _load(self, path: str, store: EmbeddingStore) -> Prepared | tuple[str, str, str]:
-        """Read once, key those bytes, and decode and preprocess the same bytes unless already stored.
+    def _load(self, item: Item, store: EmbeddingStore) -> Prepared | tuple[str, str, str]:
+        """Read once (or take the bytes a streamed source read), key those bytes, and decode and
+        preprocess the same bytes unless already stored.
 
         Returns a Prepared image, ("stored", path, key) or ("failed", path, reason).
         """
+        path, data = (item, None) if isinstance(item, str) else item
         try:
-            data = read_image_bytes(path)
+            if isinstance(data, SplitVLMError):  # the source could not read this one
+                raise data
+            if data is None:
+                data = read_image_bytes(path) if is_path(path) else read_bytes(path)
             digest = image_digest(data)
             key = self.keys.provenance.key_of_digest(digest)
             if not self.cfg.overwrite and key in store:
                 return "stored", path, key
             engine = self.engine  # started (if need be) before any pixels are held
             with self.pixels.hold(image_pixels(data)):  # decoded once, at full size, within the budget
-                pixel_values, grid = engine.preprocess(decode_image(data, path))
+                pixel_values, grid = engine.preprocess(decode_image(data, path, self.cfg.image_loader))
             return Prepared(path, key, pixel_values, grid, digest)
         except EngineStartError:
             raise  # not this image's fault: the run stops
@@ -192,13 +198,14 @@ class Encoder:
         except Exception as exc:  # the processor's own refusal of an image
             return "failed", path, f"{path}: cannot preprocess ({type(exc).__name__}: {first_line(exc)})"
 
-    def _loaded(self, paths: list[str], store: EmbeddingStore) -> Iterator[Prepared | tuple[str, str, str]]:
-        """_load on loader threads, in input order, a bounded window ahead of the tower."""
+    def _loaded(self, items: Iterable[Item], store: EmbeddingStore) -> Iterator[Prepared | tuple[str, str, str]]:
+        """_load on loader threads, in input order, a bounded window ahead of the tower (a streamed
+        source is read on this thread as the window moves: at most the window's images are held)."""
         window = max(2, self.cfg.loader_threads * 4)
         with ThreadPoolExecutor(self.cfg.loader_threads) as pool:
             pending = []
-            for path in paths:
-                pending.append(pool.submit(self._load, path, store))
+            for item in items:
+                pending.append(pool.submit(self._load, item, store))
                 if len(pending) >= window:
                     yield pending.pop(0).result()
             for fut in pending:
@@ -210,6 +217,7 @@ class Encoder:
 
         def new_images() -> Iterator[Prepared]:
             for item in loaded:
+                stats.inputs += 1
                 if isinstance(item, tuple):
                     kind, path, detail = item
                     if kind == "failed":
@@ -248,13 +256,14 @@ class Encoder:
         grid = torch.cat([p.grid_thw.reshape(1, 3) for p in batch])
         return self.engine.encode(pixel_values, grid)
 
-    def encode(self, inputs: Iterable[str]) -> Stats:
+    def encode(self, inputs: Iterable[str] | Inputs) -> Stats:
+        """Encode image files, URLs, member references and container sources (Inputs: checked already,
+        with column names) into the store; per-image failures are counted and reported, one line each."""
         t0 = time.perf_counter()
         stats = Stats()
-        paths = expand_inputs(inputs)
-        stats.inputs = len(paths)
+        items = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
         with EmbeddingStore(self.cfg.store) as store:
-            self._run(store, paths, stats, t0)
+            self._run(store, items, stats, t0)
         stats.seconds = time.perf_counter() - t0
         stats.engine_start_s = self.engine_start_s
         if self._engine is not None:
@@ -265,11 +274,11 @@ class Encoder:
                     f.write(json.dumps(failure, ensure_ascii=False) + "\n")
         return stats
 
-    def _run(self, store: EmbeddingStore, paths: list[str], stats: Stats, started: float) -> None:
+    def _run(self, store: EmbeddingStore, items: Inputs, stats: Stats, started: float) -> None:
         writer = _Writer(store, stats, self.cfg.overwrite, started)
-        bar = tqdm(total=len(paths), unit="img", desc="encode", disable=None if self.cfg.show_progress else True, file=sys.stderr)
+        bar = tqdm(total=items.total, unit="img", desc="encode", disable=None if self.cfg.show_progress else True, file=sys.stderr)
         try:
-            for batch in self._batches(self._loaded(paths, store), stats, bar):
+            for batch in self._batches(self._loaded(items, store), stats, bar):
                 t = time.perf_counter()
                 embeds = self.embed(batch)
                 stats.tower_seconds += time.perf_counter() - t

@@ -15,8 +15,8 @@ import numpy as np
 
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.core.images import read_image_bytes
 from splitvlm.core.provenance import KeyMaker
+from splitvlm.core.sources import read_bytes
 from splitvlm.encoder.pipeline import Encoder
 from splitvlm.encoder.shards import take_shard
 from splitvlm.store import EmbeddingStore
@@ -64,14 +64,14 @@ def _out(batch: dict[str, np.ndarray], key: list[str], status: list[str], error:
 
 
 def key_batch(batch: dict[str, np.ndarray], *, keys: KeyMaker, store: str, claims: Any) -> dict[str, np.ndarray]:
-    """Ray Data task: read each file once, key its bytes, and mark what the store holds or another input claimed."""
+    """Ray Data task: read each image (file, URL or container member) once, key its bytes, and mark what the store holds or another input claimed."""
     import ray
 
     n = len(batch["path"])
     key, status, error = [""] * n, [FAILED] * n, [""] * n
     for i, path in enumerate(batch["path"]):
         try:
-            key[i] = keys.provenance.key_of_digest(image_digest(read_image_bytes(str(path))))
+            key[i] = keys.provenance.key_of_digest(image_digest(read_bytes(str(path))))
             status[i] = NEW
         except SplitVLMError as exc:  # the same one-line reason the single-process encoder gives
             error[i] = str(exc)

@@ -82,7 +82,8 @@ class StoreConnector(ECConnectorBase):
         self.settings = ServeSettings.from_dict(extra)
         self.scheduler = role == ECConnectorRole.SCHEDULER
         self.counts = Counts(self.settings.run_dir, "scheduler" if self.scheduler else "worker")
-        self.access = StoreAccess(self.settings, expect_of(vllm_config.model_config))
+        model_config = vllm_config.model_config
+        self.access = StoreAccess(self.settings, expect_of(model_config.hf_config.to_dict(), model_config.dtype))
         self.secret = secret()
         self._pending: dict[str, Pending] = {}
         self._ready: dict[str, torch.Tensor] = {}  # identifier -> checked embedding, until scheduled

@@ -16,22 +16,14 @@ from splitvlm.store import EmbeddingStore, Entry, Expect
 log = logging.getLogger("splitvlm.serve")
 
 
-def expect_of(model_config) -> Expect:
-    """What an entry must be for vLLM's model: dtype, embedding width, merge size."""
+def expect_of(config: dict, dtype) -> Expect:
+    """What an entry must be for a checkpoint's config: embedding width, dtype, merge size, family.
+    The engine core passes vLLM's hf_config; the API server, which has no model config, config.json."""
     from splitvlm.core.families import family_of_config
 
-    config = model_config.hf_config.to_dict()
     family = family_of_config(config)
     layout = family.layout(config)
-    return Expect(layout.width, model_config.dtype, layout.merge_size, family.name, layout.deepstack)
-
-
-def expect_of_settings(settings: ServeSettings) -> Expect:
-    """The same, from the checkpoint's config.json and the run's dtype (the API server has no model config)."""
-    from splitvlm.core.families import layout_of_model
-
-    family, layout = layout_of_model(settings.model)
-    return Expect(layout.width, settings.provenance["dtype"], layout.merge_size, family.name, layout.deepstack)
+    return Expect(layout.width, dtype, layout.merge_size, family.name, layout.deepstack)
 
 
 class StoreAccess:

@@ -17,11 +17,13 @@ from typing import Any
 from vllm.multimodal.media.base import MediaIO
 
 from splitvlm.core.errors import SplitVLMError, first_line
+from splitvlm.core.families import read_config
 from splitvlm.core.images import decode_image, read_image_bytes
 from splitvlm.core.provenance import Provenance
-from splitvlm.serve.lookup import StoreAccess, expect_of_settings
+from splitvlm.serve.lookup import StoreAccess, expect_of
 from splitvlm.serve.metrics import register_collector
 from splitvlm.serve.settings import XARG, Counts, ServeSettings, secret, sign
+from splitvlm.serve.stash import Stash, install
 from splitvlm.store.key import image_digest
 
 CHAT_PATH = "/v1/chat/completions"
@@ -47,12 +49,15 @@ class RawBytes(MediaIO[bytes]):
         return read_image_bytes(filepath)
 
 
-def canonical(data: bytes, name: str) -> bytes | None:
-    """None when vLLM decodes these bytes to the pixels splitvlm's loader gives (an RGB JPEG, PNG or
-    WebP); else a PNG of splitvlm's pixels (alpha over white, 16-bit scaled, ...). ImageError if bad."""
+def canonical(data: bytes, name: str, loader: str = "vllm") -> bytes | None:
+    """None when vLLM decodes these bytes to the pixels splitvlm's loader gives: always under the
+    default loader, which is vLLM's (tests/test_loader_vllm.py), and for an RGB JPEG, PNG or WebP under
+    `scaled`; else a PNG of splitvlm's pixels (16-bit grey scaled). ImageError if the bytes are bad."""
     from PIL import Image
 
-    image = decode_image(data, name)
+    image = decode_image(data, name, loader)
+    if loader == "vllm":
+        return None
     with Image.open(io.BytesIO(data)) as raw:
         same = raw.format in PASSTHROUGH_FORMATS and raw.mode == "RGB" and not getattr(raw, "is_animated", False)
     if same:
@@ -71,11 +76,13 @@ def tensor_text(tensor) -> str:
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def embeds_part(entry) -> dict:
+def embeds_part(entry, stash: Stash | None) -> dict:
     """An image_embeds content part holding a stored entry (the form `decode` hands vLLM: embeddings
-    and the grid; vLLM's chat parser stacks the grids of a request's parts into [images, 3])."""
-    return {"type": "image_embeds", "image_embeds": {"image_embeds": tensor_text(entry.image_embeds),
-                                                     "image_grid_thw": tensor_text(entry.image_grid_thw.reshape(3))}}
+    and the grid; vLLM's chat parser stacks the grids of a request's parts into [images, 3]): by
+    reference to the stash where vLLM's loader knows it, else as torch.save bytes in base64."""
+    pack = stash.put if stash is not None else tensor_text
+    return {"type": "image_embeds", "image_embeds": {"image_embeds": pack(entry.image_embeds),
+                                                     "image_grid_thw": pack(entry.image_grid_thw.reshape(3))}}
 
 
 def _url(part: dict) -> Any:
@@ -111,11 +118,15 @@ class StoreKeys:
         self.app = app
         self.settings = ServeSettings.from_env()
         self.provenance = Provenance(**self.settings.provenance)
+        self.loader = json.loads(self.provenance.preprocess_json).get("image_loader", "vllm")
         self.secret = secret()
         self.media = MediaConnector(allowed_local_media_path=self.settings.allowed_media_path,
                                     allowed_media_domains=self.settings.allowed_media_domains)
-        self.access = StoreAccess(self.settings, expect_of_settings(self.settings))
+        self.access = StoreAccess(self.settings, expect_of(read_config(self.settings.model), self.provenance.dtype))
         self.counts = Counts(self.settings.run_dir, "api")
+        self.stash: Stash | None = Stash()
+        if not install(self.stash):
+            self.stash = None
         key = os.environ.get("VLLM_API_KEY")
         self.api_key = hashlib.sha256(key.encode()).digest() if key else None
         register_collector(self.settings.run_dir)
@@ -194,7 +205,7 @@ class StoreKeys:
             if entry is None:
                 return None
             entries.append(entry)
-        parts = [embeds_part(entry) for entry in entries]
+        parts = [embeds_part(entry, self.stash) for entry in entries]
         self.counts.add("store_hits", len(parts))
         self.counts.add("store_embeds", len(parts))
         self.counts.flush()
@@ -216,7 +227,7 @@ class StoreKeys:
     async def _as_image(self, part: dict, data: bytes, n: int) -> None:
         """Give vLLM bytes that decode to splitvlm's pixels, as a data: URL (vLLM reads no file or URL again)."""
         try:
-            replaced = await asyncio.to_thread(canonical, data, f"image {n}")
+            replaced = await asyncio.to_thread(canonical, data, f"image {n}", self.loader)
         except SplitVLMError as exc:
             raise RequestError(str(exc)) from None
         if replaced is not None:

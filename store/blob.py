@@ -13,15 +13,12 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+from splitvlm.store.arrays import STORAGE, Raw, raw_bytes
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I64": "int64"}
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-def raw_bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a contiguous CPU tensor as a uint8 array viewing them (no copy)."""
-    return t.reshape(-1).view(torch.uint8).numpy()
+__all__ = ["Blob", "raw_bytes", "read_header", "safetensors_blob", "tensor_views"]
 
 
 @dataclass
@@ -44,7 +41,7 @@ class Blob:
         return b"".join(self.parts)
 
 
-def safetensors_blob(tensors: list[tuple[str, torch.Tensor]], meta: dict[str, str]) -> Blob:
+def safetensors_blob(tensors: list[tuple[str, Raw]], meta: dict[str, str]) -> Blob:
     """u64 little-endian header length, the JSON header padded with spaces to 8 bytes, tensor data.
 
     Give the widest dtype first: every tensor then starts aligned to its element size.
@@ -54,7 +51,7 @@ def safetensors_blob(tensors: list[tuple[str, torch.Tensor]], meta: dict[str, st
     for name, tensor in tensors:
         raw = raw_bytes(tensor)
         header[name] = {
-            "dtype": SAFETENSORS_NAMES[tensor.dtype],
+            "dtype": SAFETENSORS_NAMES[tensor.dtype],  # a Raw's dtype name
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + raw.nbytes],
         }
@@ -79,25 +76,26 @@ def read_header(blob: bytes | bytearray | memoryview) -> dict:
     return header
 
 
-def tensor_views(header: dict, blob: bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Tensors viewing the data section of blob, after the checks the safetensors loader makes."""
+def tensor_views(header: dict, blob: bytearray | memoryview) -> dict[str, Raw]:
+    """Arrays viewing the data section of blob (bfloat16 as its bits), after the safetensors loader's checks."""
     base = 8 + struct.unpack_from("<Q", blob, 0)[0]
     size = len(blob) - base
     tensors, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        if dtype is None:
+        name_of = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if name_of is None:
             raise ValueError(f"tensor {name!r}: unsupported entry {info!r}")
         shape, (start, end) = info["shape"], info["data_offsets"]
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        dtype = STORAGE[name_of]
         itemsize, count = dtype.itemsize, math.prod(shape)
         if not 0 <= start <= end <= size or end - start != count * itemsize or (base + start) % itemsize:
             raise ValueError(f"tensor {name!r}: offsets {start}..{end} do not hold {shape} of {info['dtype']}")
         spans.append((start, end))
-        tensors[name] = torch.frombuffer(blob, dtype=dtype, count=count, offset=base + start).reshape(shape)
+        tensors[name] = Raw(np.frombuffer(blob, dtype=dtype, count=count, offset=base + start).reshape(shape), name_of)
     position = 0
     for start, end in sorted(spans):
         if start != position:

@@ -1,38 +1,38 @@
-"""One store entry as tensors, and its value as a safetensors blob: written, then read back checked."""
+"""A store entry's value as a safetensors blob: written from an Entry, then read back checked."""
 
 from __future__ import annotations
 
 import math
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import blake3
-import torch
+import numpy as np
 
 from splitvlm.core.errors import first_line
-from splitvlm.store.blob import Blob, raw_bytes, read_header, safetensors_blob, tensor_views
+from splitvlm.store.arrays import (
+    EMBED_DTYPES,
+    Entry,
+    Raw,
+    as_raw,
+    dtype_name,
+    dtype_of,
+    non_finite,
+    raw_bytes,
+)
+from splitvlm.store.blob import Blob, read_header, safetensors_blob, tensor_views
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
 
 FORMAT = "splitvlm.store/1"
 CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile", "source")
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+DTYPES = EMBED_DTYPES  # the dtypes an embedding may have, by name
 TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
 UNNAMED_FAMILY = "qwen2-vl"  # an entry that records no family was made before families were recorded
-
-
-@dataclass
-class Entry:
-    key: str
-    image_embeds: torch.Tensor  # [n_tokens, hidden], the model's dtype
-    image_grid_thw: torch.Tensor  # int64 [1, 3]
-    meta: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.image_embeds.shape[0])
+__all__ = ["Entry", "Expect", "check_tensors", "decode_blob", "dtype_name", "encode_blob", "encode_entry",
+           "tensor_checksum"]
 
 
 @dataclass(frozen=True)
@@ -40,25 +40,21 @@ class Expect:
     """What the model about to consume an entry needs."""
 
     hidden_size: int  # the width of a stored embedding (Qwen3-VL: hidden × (1 + deepstack levels))
-    dtype: torch.dtype
+    dtype: Any  # a torch dtype, or its name ("bfloat16" or "torch.bfloat16"), kept as the name
     merge_size: int
     family: str | None = None  # the model family (splitvlm.core.families), when the caller knows it
     deepstack: int | None = None  # deepstack levels inside hidden_size, when the caller knows them
 
     def __post_init__(self) -> None:
-        if isinstance(self.dtype, str):  # "bfloat16" or "torch.bfloat16" also do
+        if isinstance(self.dtype, str):  # "bfloat16" or "torch.bfloat16" also do; no torch needed
             name = self.dtype.removeprefix("torch.")
             if name not in DTYPES:
                 raise StoreError(f"Expect: unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
-            object.__setattr__(self, "dtype", DTYPES[name])
+            object.__setattr__(self, "dtype", name)
 
 
-def dtype_name(dtype: torch.dtype | str) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))  # type: ignore[arg-type]
-
-
-def tensor_checksum(embeds: torch.Tensor, grid: torch.Tensor) -> str:
-    """blake3 hex of the raw (little-endian) bytes of image_embeds, then image_grid_thw."""
+def tensor_checksum(embeds: Any, grid: Any) -> str:
+    """blake3 hex of the raw (little-endian) bytes of image_embeds, then image_grid_thw (tensors, arrays or Raws)."""
     h = blake3.blake3()
     h.update(raw_bytes(embeds))
     h.update(raw_bytes(grid))
@@ -97,16 +93,16 @@ def encode_entry(entry: Entry) -> Blob:
     key = entry.key
     if not isinstance(key, str) or not is_key(key):
         raise StoreError(f"{key!r}: not a store key (64 lowercase hex digits from make_key)")
-    embeds, grid = entry.image_embeds, entry.image_grid_thw
-    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2 or embeds.dtype not in DTYPE_NAMES:
+    embeds, grid = _array_like(entry, "_embeds"), _array_like(entry, "_grid")
+    if embeds is None or len(embeds.shape) != 2 or dtype_of(embeds) not in DTYPES:
         raise StoreError(f"{key}: image_embeds must be a 2-D bfloat16, float16 or float32 tensor")
     if embeds.shape[0] == 0 or embeds.shape[1] == 0:
         raise StoreError(f"{key}: image_embeds is empty, shape {list(embeds.shape)}")
-    if not isinstance(grid, torch.Tensor) or grid.numel() != 3 or grid.dtype.is_floating_point:
+    if grid is None or math.prod(grid.shape) != 3 or not dtype_of(grid).startswith(("int", "uint")):
         raise StoreError(f"{key}: image_grid_thw must be an integer tensor of 3 values")
-    embeds = embeds.detach().to("cpu").contiguous()
-    grid = grid.detach().to("cpu", torch.int64).reshape(1, 3).contiguous()
-    thw = grid[0].tolist()
+    embeds = as_raw(embeds)
+    grid = Raw(as_raw(grid).array.astype("<i8").reshape(1, 3), "int64")
+    thw = grid.array[0].tolist()
     if min(thw) <= 0 or not tokens_fit(embeds.shape[0], thw):
         raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
     check_finite(key, embeds)
@@ -120,12 +116,19 @@ def encode_entry(entry: Entry) -> Blob:
         key=key,
         format=FORMAT,
         hidden_size=str(embeds.shape[1]),
-        dtype=DTYPE_NAMES[embeds.dtype],
+        dtype=embeds.dtype,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         checksum=tensor_checksum(embeds, grid),
     )
     meta["meta_checksum"] = meta_checksum(meta)
     return safetensors_blob([("image_grid_thw", grid), ("image_embeds", embeds)], meta)
+
+
+def _array_like(entry: Entry, name: str) -> Any:
+    """What an entry holds for image_embeds or image_grid_thw, as given (a tensor, an array, a Raw); None if neither."""
+    value = getattr(entry, name + "_raw")
+    value = getattr(entry, name) if value is None else value
+    return value if isinstance(value, (Raw, np.ndarray)) or (hasattr(value, "dtype") and hasattr(value, "shape")) else None
 
 
 def checked_meta(key: str, header: dict) -> dict[str, str]:
@@ -160,7 +163,7 @@ def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect |
         raise StoreError(f"{key}: unreadable tensors ({first_line(exc)})") from None
     if set(tensors) != TENSOR_NAMES:
         raise StoreError(f"{key}: tensors {sorted(tensors)}, expected {sorted(TENSOR_NAMES)}")
-    embeds, grid = tensors["image_embeds"], tensors["image_grid_thw"]
+    embeds, grid = tensors["image_embeds"], tensors["image_grid_thw"]  # Raw views of blob
     computed = tensor_checksum(embeds, grid)
     if computed != meta.get("checksum"):
         raise StoreError(
@@ -170,20 +173,22 @@ def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect |
     return Entry(key, embeds, grid, meta)
 
 
-def check_finite(key: str, embeds: torch.Tensor) -> None:
+def check_finite(key: str, embeds: Any) -> None:
     """NaN or Inf in an embedding: a broken tower or a forged entry with a valid checksum, never data."""
-    if not bool(torch.isfinite(embeds).all()):
-        bad = int((~torch.isfinite(embeds)).sum())
+    bad = non_finite(as_raw(embeds))
+    if bad:
         raise StoreError(f"{key}: image_embeds holds {bad} NaN or Inf value(s)")
 
 
-def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict, expect: Expect | None) -> None:
-    """Shape, dtype, hidden size and finite values, against the entry's own metadata and the caller's model."""
-    if grid.dtype != torch.int64 or list(grid.shape) != [1, 3]:
-        raise StoreError(f"{key}: image_grid_thw is {dtype_name(grid.dtype)} {list(grid.shape)}, expected int64 [1, 3]")
-    if embeds.dim() != 2 or embeds.dtype not in DTYPE_NAMES:
-        raise StoreError(f"{key}: image_embeds is {dtype_name(embeds.dtype)} {list(embeds.shape)}, expected 2-D float")
-    dtype, hidden, thw = DTYPE_NAMES[embeds.dtype], int(embeds.shape[1]), grid[0].tolist()
+def check_tensors(key: str, embeds: Any, grid: Any, meta: dict, expect: Expect | None) -> None:
+    """Shape, dtype, hidden size and finite values, against the entry's own metadata and the caller's model.
+
+    embeds and grid: torch tensors, numpy arrays or Raws (what decode_blob reads)."""
+    if dtype_of(grid) != "int64" or list(grid.shape) != [1, 3]:
+        raise StoreError(f"{key}: image_grid_thw is {dtype_of(grid)} {list(grid.shape)}, expected int64 [1, 3]")
+    if len(embeds.shape) != 2 or dtype_of(embeds) not in DTYPES:
+        raise StoreError(f"{key}: image_embeds is {dtype_of(embeds)} {list(embeds.shape)}, expected 2-D float")
+    dtype, hidden, thw = dtype_of(embeds), int(embeds.shape[1]), as_raw(grid).array[0].tolist()
     if meta.get("dtype") != dtype or meta.get("hidden_size") != str(hidden):
         raise StoreError(
             f"{key}: tensor is {dtype} with hidden size {hidden}, metadata says "
@@ -195,7 +200,7 @@ def check_tensors(key: str, embeds: torch.Tensor, grid: torch.Tensor, meta: dict
             raise StoreError(f"{key}: image_grid_thw {thw} does not fit {embeds.shape[0]} embedding rows")
         return
     check_layout(key, meta, expect)
-    if embeds.dtype != expect.dtype:
+    if dtype != dtype_name(expect.dtype):
         raise StoreError(f"{key}: dtype {dtype}, model needs {dtype_name(expect.dtype)}")
     if hidden != expect.hidden_size:
         raise StoreError(f"{key}: hidden size {hidden}, model needs {expect.hidden_size}")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
-import torch
 
+from splitvlm.store.arrays import Raw, as_raw, is_tensor, widen
 from splitvlm.store.entry import Entry, decode_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
@@ -23,22 +23,20 @@ ROW_GROUP_BYTES = 64 << 20  # embedding bytes buffered per parquet row group
 ROW_GROUP_ROWS = 1024
 
 
-def to_numpy(x: Entry | torch.Tensor, dtype: str = "float32") -> np.ndarray:
-    """An entry's image_embeds (or a tensor) as numpy: "float32" widens bfloat16/float16 exactly; "native" as is."""
-    tensor = x.image_embeds if isinstance(x, Entry) else x
-    if not isinstance(tensor, torch.Tensor):
+def to_numpy(x: Entry | Any, dtype: str = "float32") -> np.ndarray:
+    """An entry's image_embeds (or a tensor) as numpy: "float32" widens bfloat16/float16 exactly; "native" as is.
+
+    An entry read from a store is converted without torch (bfloat16 from its bits: exact, NaN payloads too).
+    """
+    if isinstance(x, Entry):
+        raw = x.raw_embeds
+    elif is_tensor(x) or isinstance(x, (np.ndarray, Raw)):
+        raw = as_raw(x)
+    else:
         raise TypeError(f"to_numpy takes an Entry or a torch.Tensor, not {type(x).__name__}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        if dtype == "native":
-            raise ValueError("bfloat16 has no numpy dtype; use dtype='float32' (exact for every bfloat16 value)")
-        bits = tensor.view(torch.int16).numpy().view(np.uint16)  # a bfloat16 is the top half of a float32
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    if dtype == "float32" and tensor.is_floating_point():
-        return tensor.numpy().astype(np.float32)
-    return tensor.numpy()
+    return widen(raw, dtype)
 
 
 @dataclass
@@ -71,8 +69,8 @@ def _write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> int:
 def _row(entry: Entry) -> dict[str, Any]:
     """What the index and the table say of an entry besides its embeddings."""
     meta = entry.meta
-    return {"key": entry.key, "shape": list(entry.image_embeds.shape),
-            "image_grid_thw": entry.image_grid_thw.reshape(-1).tolist(),
+    return {"key": entry.key, "shape": list(entry.embeds_array.shape),
+            "image_grid_thw": entry.grid_array.reshape(-1).tolist(),
             "source": meta.get("source", ""), "model_id": meta.get("model_id", "")}
 
 
@@ -126,7 +124,7 @@ class _Files(_Output):
             return
         from safetensors.numpy import save
 
-        grid = entry.image_grid_thw.cpu().to(torch.int64).reshape(1, 3).numpy()
+        grid = entry.grid_array.astype(np.int64).reshape(1, 3)
         meta = {**entry.meta, "exported_dtype": str(array.dtype)}
         f.write(save({"image_grid_thw": grid, "image_embeds": array}, metadata=meta))
 

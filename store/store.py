@@ -94,7 +94,7 @@ class EmbeddingStore:
         if not chosen:
             return 0
         ordered = [chosen[key] for key in sorted(chosen)]
-        size_hint = sum(e.image_embeds.nelement() * e.image_embeds.element_size() + 4096 for e in ordered)
+        size_hint = sum(e.nbytes + 4096 for e in ordered)
         db = self.shared.embeddings
         with Ahead(encode_entry, ordered) as encoded:
 

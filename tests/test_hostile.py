@@ -12,9 +12,9 @@ from helpers import config, write_jobs
 
 from splitvlm.core.provenance import KeyMaker
 from splitvlm.decoder import Decoder, read_jobs
-from splitvlm.decoder.cache import check_results
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore, Entry, StoreError
+from splitvlm.store.results import check_results
 from splitvlm.tools.samples import save_corpus
 
 

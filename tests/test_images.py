@@ -49,6 +49,9 @@ def test_palette_grey_cmyk_and_16_bit_become_rgb():
     assert r > 200 and g < 60 and b < 60
     deep = Image.fromarray(np.full((10, 10), 65535, dtype=np.uint16))
     assert decode_image(encoded(deep)).getpixel((0, 0)) == (255, 255, 255)
+    mid = encoded(Image.fromarray(np.full((10, 10), 1000, dtype=np.uint16)))
+    assert decode_image(mid).getpixel((0, 0)) == (255, 255, 255)  # vLLM's convert("RGB") clips 16-bit
+    assert decode_image(mid, loader="scaled").getpixel((0, 0)) == (4, 4, 4)  # rint(1000 / 257)
 
 
 def test_animated_image_uses_first_frame():

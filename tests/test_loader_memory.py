@@ -39,7 +39,7 @@ def test_16_bit_conversion_equals_the_old_formula_for_every_value(monkeypatch):
     values = np.arange(65536, dtype=np.uint16)
     assert np.array_equal(images.u16_to_u8(values), old_to_8bit(values, "I;16"))
     monkeypatch.setattr(images, "STRIP_PIXELS", 1000)  # many strips, boundaries mid-image
-    out = np.asarray(decode_image(png(Image.fromarray(values.reshape(256, 256)))))
+    out = np.asarray(decode_image(png(Image.fromarray(values.reshape(256, 256))), loader="scaled"))
     assert np.array_equal(out, np.repeat(old_to_8bit(values, "I;16").reshape(256, 256, 1), 3, axis=2))
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
-from splitvlm.core.images import load_image
+from splitvlm.core.sources import load_image, read_bytes
 from splitvlm.decoder import (
     Decoder,
     Encoded,
@@ -112,12 +112,16 @@ class Verifier:
         return self.decoder.engine
 
     def _source(self, ref: str, key: str, store: EmbeddingStore, entry=None) -> str:
-        """The image file behind a job's image: its path, or a stored entry's source with the same key."""
+        """The image behind a job's image: its reference (path, URL, container member), or a stored
+        entry's recorded source when that still gives the same key."""
         if not names_a_key(ref):
             return ref
         source = (entry or store.get(key)).meta.get("source", "")
-        if source and Path(source).is_file() and self.decoder.keys(Path(source).read_bytes()) == key:
-            return source
+        try:
+            if source and self.decoder.keys(read_bytes(source)) == key:
+                return source
+        except SplitVLMError:
+            pass
         raise SplitVLMError(f"{key}: no source image to run end to end (its recorded source is {source!r})")
 
     def end_to_end(self, jobs: list[Job], keys: list[list[str]], errors: list[str | None],
@@ -131,7 +135,7 @@ class Verifier:
                 if errors[i] is not None:
                     continue
                 try:
-                    images = [load_image(self._source(r, k, store))[1] for r, k in zip(jobs[i].images, keys[i])]
+                    images = [load_image(self._source(r, k, store), self.cfg.image_loader)[1] for r, k in zip(jobs[i].images, keys[i])]
                 except SplitVLMError as exc:
                     errors[i] = f"job {jobs[i].id}: {exc}"
                     continue
@@ -162,7 +166,7 @@ class Verifier:
             try:
                 stored = store.get(key)
                 source = self._source(ref, key, store, stored)
-                pixel_values, grid = self.engine.preprocess(load_image(source)[1])
+                pixel_values, grid = self.engine.preprocess(load_image(source, self.cfg.image_loader)[1])
                 (fresh,) = self.engine.encode(pixel_values, grid)  # as the encoder's batch of one
             except SplitVLMError as exc:
                 report.embedding_mismatches.append({"key": key, "source": ref, "jobs": users[key], "error": str(exc)})
