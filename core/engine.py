@@ -277,6 +277,7 @@ class Engine:
             "custom_ops": ",".join(getattr(comp, "custom_ops", []) or []),
             "v2_model_runner": getattr(vc, "use_v2_model_runner", None),
             "attention_backend": getattr(getattr(vc, "attention_config", None), "backend", None),
+            "ir_op_priority": getattr(getattr(vc, "kernel_config", None), "ir_op_priority", None),
             "enable_prefix_caching": cache.enable_prefix_caching,
             "num_gpu_blocks": cache.num_gpu_blocks,
             "gpu_memory_utilization": cache.gpu_memory_utilization,

@@ -32,6 +32,11 @@ class Profile:
             # with different ops and different bits (seen on the H200: 0/264 embeddings equal).
             # Pinning the choice makes the tower's bytes independent of eager vs compiled.
             kwargs["compilation_config"] = {"custom_ops": ["none"]}
+            # vLLM 0.26 picks RMSNorm's kernel apart from custom_ops, by "IR op priority": vLLM's CUDA
+            # kernel when eager, native torch (batch-invariant mean under VLLM_BATCH_INVARIANT) when
+            # compiled. Qwen2.5-VL's tower uses RMSNorm, so the eager encoder and the compiled decoder
+            # gave other bits (seen on the H200: 0/264 embeddings equal, verify 174/1,057).
+            kwargs["ir_op_priority"] = {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
         return kwargs
 
     def settings(self) -> ProcessSettings:
