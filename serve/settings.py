@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,28 +91,34 @@ def verify(key: bytes | None, token: object) -> Signed | None:
 
 
 class Counts:
-    """One process's counters, written to run_dir/counts-<name>-<pid>.json whenever they change."""
+    """One process's counters, written to run_dir/counts-<name>-<pid>.json whenever they change.
+
+    Thread-safe: the middleware counts from worker threads, and a += on a dict item or two writers
+    of one temporary file can lose a count (the H200 serve run at f8f6060 showed 255 hits for 256)."""
 
     def __init__(self, run_dir: str, name: str):
         self.values = dict.fromkeys(COUNTERS, 0)
         self.path = Path(run_dir) / f"counts-{name}-{os.getpid()}.json" if run_dir else None
         self.dirty = False
+        self._lock = threading.Lock()
 
     def add(self, name: str, n: int = 1) -> None:
         if n:
-            self.values[name] += n
-            self.dirty = True
+            with self._lock:
+                self.values[name] += n
+                self.dirty = True
 
     def flush(self) -> None:
-        if not self.dirty or self.path is None:
-            return
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.values), encoding="utf-8")
-            os.replace(tmp, self.path)
-        except OSError:  # the run folder is gone: the server is shutting down
-            return
-        self.dirty = False
+        with self._lock:
+            if not self.dirty or self.path is None:
+                return
+            tmp = self.path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(self.values), encoding="utf-8")
+                os.replace(tmp, self.path)
+            except OSError:  # the run folder is gone: the server is shutting down
+                return
+            self.dirty = False
 
 
 def read_counts(run_dir: str) -> dict[str, int]:

@@ -37,6 +37,20 @@ def test_profile_env_holds_one_splitvlm_variable():
         assert [k for k in env if k.startswith("SPLITVLM_")] == ["SPLITVLM_PROFILE"]
 
 
+def test_exact_gpu_engines_pick_the_same_kernels_eager_or_compiled():
+    """vLLM picks custom ops and RMSNorm's kernel by compilation mode; the exact profile pins both, so
+    the eager encoder-only engine and the compiled decoder compute the tower alike (Qwen2.5-VL's
+    tower uses RMSNorm: 0/264 embeddings equal on the H200 at f8f6060 without the pin)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = get_profile("exact").engine_kwargs(gpu=True)
+    assert kwargs["compilation_config"] == {"custom_ops": ["none"]}
+    assert kwargs["ir_op_priority"] == {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
+    assert "ir_op_priority" in EngineArgs.__dataclass_fields__  # a real engine argument of this vLLM
+    assert "ir_op_priority" not in get_profile("exact").engine_kwargs(gpu=False)  # the CPU runs eager only
+    assert "ir_op_priority" not in get_profile("fast").engine_kwargs(gpu=True)  # fast: vLLM's defaults
+
+
 def test_a_variable_naming_another_profile_is_refused(monkeypatch):
     monkeypatch.setattr(engine_module, "_process_env", None)
     monkeypatch.setenv("SPLITVLM_PROFILE", "fast")

@@ -34,3 +34,27 @@ def test_stash_forgets_the_oldest_past_its_limit():
     assert len(stash) == 3
     assert stash.take(tokens[0]) is None and stash.take(tokens[4]) is not None
     assert stash.take(PREFIX + "0" * 32) is None
+
+
+def test_counts_from_many_threads_lose_nothing(tmp_path):
+    import json
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitvlm.serve.settings import Counts, read_counts
+
+    counts = Counts(str(tmp_path), "api")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave inside add and flush, as under load
+
+    def hit(_):
+        counts.add("store_hits")
+        counts.flush()
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(hit, range(4000)))
+    finally:
+        sys.setswitchinterval(switch)
+    assert read_counts(str(tmp_path))["store_hits"] == 4000
+    assert json.loads(next(tmp_path.glob("counts-api-*.json")).read_text())["store_hits"] == 4000
