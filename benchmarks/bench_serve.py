@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default=None, help="Where the images and the store go (default: a temporary folder).")
     ap.add_argument("--check-decode", action="store_true", help="Compare splitvlm serve's answers with splitvlm decode.")
     ap.add_argument("--start-timeout", type=float, default=1800, help="Seconds a server may take to start.")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="An argument for `splitvlm serve` (repeat it), e.g. --serve-arg=--profile --serve-arg=fast, "
+                         "or vLLM's: --serve-arg=-- --serve-arg=--api-server-count --serve-arg=4.")
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
     ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
     ap.add_argument("--out", default=str(RESULTS / "bench_serve.json"))
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
               "date": now(), "smoke": args.smoke, "environment": environment(), "model": args.model,
               "args": {k: v for k, v in vars(args).items() if k != "out"}}
-    serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common]
+    serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common, *args.serve_arg]
     with Server("splitvlm_serve", serve, folder, args.start_timeout) as server:
         report["splitvlm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens, count=True)
         answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None

@@ -21,7 +21,7 @@ from splitvlm.core.families import read_config
 from splitvlm.core.images import decode_image, read_image_bytes
 from splitvlm.core.provenance import Provenance
 from splitvlm.serve.lookup import StoreAccess, expect_of
-from splitvlm.serve.metrics import register_collector
+from splitvlm.serve.metrics import with_counters
 from splitvlm.serve.settings import XARG, Counts, ServeSettings, secret, sign
 from splitvlm.serve.stash import Stash, install
 from splitvlm.store.key import image_digest
@@ -129,7 +129,6 @@ class StoreKeys:
             self.stash = None
         key = os.environ.get("VLLM_API_KEY")
         self.api_key = hashlib.sha256(key.encode()).digest() if key else None
-        register_collector(self.settings.run_dir)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         if self.api_key is None:
@@ -138,8 +137,10 @@ class StoreKeys:
         return scheme.lower() == "bearer" and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.api_key)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or \
-                scope["path"].removeprefix(scope.get("root_path", "")) != CHAT_PATH:
+        path = scope["path"].removeprefix(scope.get("root_path", "")) if scope["type"] == "http" else ""
+        if path.rstrip("/") == "/metrics" and scope.get("method") == "GET":
+            return await with_counters(self.app, scope, receive, send, self.settings.run_dir)
+        if scope["type"] != "http" or scope.get("method") != "POST" or path != CHAT_PATH:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if not self._authorized(headers):

@@ -89,8 +89,6 @@ def prepare(opts: ServeOptions) -> tuple[Any, dict[str, str], str]:
         if name != "model" and getattr(given, name, None) != parser.get_default(name):
             raise UsageError(f"--{name.replace('_', '-')} is set by splitvlm serve (profile {cfg.profile} "
                              "or its own options); leave it out of the vLLM options")
-    if getattr(given, "api_server_count", None) not in (None, 1):
-        raise UsageError("--api-server-count: splitvlm serve runs one API server (its counters live there)")
     run_dir = tempfile.mkdtemp(prefix="splitvlm-serve-")
     try:
         return _finish(opts, kwargs, given, run_dir)
@@ -144,6 +142,11 @@ def serve(opts: ServeOptions) -> None:
 
         _, _, run_server = _vllm()
         cli_env_setup()  # as `vllm serve` does: worker processes are spawned
-        uvloop.run(run_server(args))
+        if (getattr(args, "api_server_count", None) or 1) > 1:  # as `vllm serve` does: N frontends, one engine
+            from vllm.entrypoints.cli.serve import run_multi_api_server
+
+            run_multi_api_server(args)
+        else:
+            uvloop.run(run_server(args))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -71,6 +71,24 @@ def server(tiny_model, paths):
     log.close()
 
 
+@pytest.fixture(scope="module")
+def server_two(tiny_model, paths):
+    """A second `splitvlm serve` on the same store with two API-server processes (vLLM's --api-server-count)."""
+    port = free_port()
+    log = open(paths["root"] / "serve2.log", "wb")
+    cmd = [sys.executable, "-m", "splitvlm", "serve", "--model", tiny_model, "--store", paths["store"],
+           "--port", str(port), "--max-model-len", "2048", "--", "--api-server-count", "2"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
+    yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": paths["root"] / "serve2.log"}
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
 def jobs_of(images: list[str]) -> list[Job]:
     return [Job(f"{Path(p).stem}.{n}", [p], [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}])
             for p in images for n, t in enumerate(PROMPTS)]
@@ -187,6 +205,39 @@ def test_concurrent_requests_give_the_sequential_bytes(api, sequential, tiny_mod
     for (job_id, _), response in zip(requests, responses):
         got = answer(response)
         assert got["text"].encode() == answers[job_id]["text"].encode() and got["token_ids"] == answers[job_id]["token_ids"], job_id
+
+
+def test_two_api_servers_give_the_same_bytes_and_count_in_both(server_two, sequential, tiny_model, paths):
+    """With --api-server-count 2 each frontend process keys, reads and hands over stored images, and
+    /metrics sums the counters of both (vLLM then serves /metrics from its multiprocess registry)."""
+    client = httpx.Client(base_url=server_two["url"], timeout=300)
+    deadline = time.time() + 600
+    while True:
+        if server_two["proc"].poll() is not None:
+            pytest.fail("splitvlm serve exited: " + server_two["log"].read_text(errors="replace")[-3000:])
+        try:
+            if client.get("/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, server_two["log"].read_text(errors="replace")[-3000:]
+        time.sleep(1)
+    requests = [(f"{Path(p).stem}.0", body(tiny_model, p, PROMPTS[0])) for p in paths["stored"][:12]]
+    before = counters(client)
+
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=server_two["url"], timeout=300) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for _, b in requests))
+
+    responses = asyncio.run(all_at_once())
+    after = counters(client)
+    for (job_id, _), response in zip(requests, responses):
+        got = answer(response)
+        assert got["text"].encode() == sequential[0][job_id]["text"].encode(), job_id
+        assert got["token_ids"] == sequential[0][job_id]["token_ids"], job_id
+    assert after["store_hits"] - before["store_hits"] == 12 and after["store_embeds"] - before["store_embeds"] == 12
+    assert after["tower_images"] == before["tower_images"]
+    assert server_two["log"].read_text(errors="replace").count("Started server process") == 2  # uvicorn, per frontend
 
 
 def test_unstored_images_equal_end_to_end_and_are_stored(api, expected, tiny_model, paths):
