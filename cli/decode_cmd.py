@@ -64,6 +64,32 @@ def finished_lines(path: str) -> tuple[set[str], int]:
     return ids, failed
 
 
+
+class ImageLimit(click.ParamType):
+    """A positive number of images, or vLLM's --limit-mm-per-prompt JSON with an "image" entry."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.startswith("{"):
+            try:
+                limits = json.loads(text)
+            except ValueError:
+                self.fail(f"{text!r} is not JSON", param, ctx)
+            if not isinstance(limits, dict) or set(limits) - {"image", "video"} or not isinstance(limits.get("image"), int):
+                self.fail(f'{text!r}: give {{"image": N}} (splitvlm decodes images only)', param, ctx)
+            text = str(limits["image"])
+        try:
+            number = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of images", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not in the range x>=1", param, ctx)
+        return number
+
 @click.command("decode")
 @engine_options
 @click.option("--jobs", "jobs_path", required=True, type=click.Path(dir_okay=False),
@@ -76,7 +102,8 @@ def finished_lines(path: str) -> tuple[set[str], int]:
               help="Keep the complete lines already in --out, skip their job ids and append the other jobs.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=default("max_tokens"), show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--limit-images", type=click.IntRange(min=1), default=default("max_images_per_prompt"), show_default=True, help="Most images in one job.")
+@click.option("--limit-images", "--limit-mm-per-prompt", "limit_images", type=ImageLimit(), default=default("max_images_per_prompt"),
+              show_default=True, help="Most images in one job: a number, or vLLM's spelling '{\"image\": N}'.")
 @click.option("--on-missing", type=click.Choice(["error", "encode", "skip"]), default=default("on_missing"), show_default=True,
               help="Images not in the store: stop before generating, encode them first, or skip those jobs.")
 @click.option("--batch-jobs", type=click.IntRange(min=1), default=default("batch_jobs"), show_default=True,

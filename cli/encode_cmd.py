@@ -61,9 +61,9 @@ def read_inputs(inputs: tuple[str, ...], image_column: str | None, id_column: st
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
 @click.option("--batch-patches", type=click.IntRange(min=1), default=default("batch_patches"), show_default=True, help="Vision tower budget per step, in patches.")
 @click.option("--loader-threads", type=click.IntRange(min=1), default=default("loader_threads"), show_default=True, help="Threads that read and preprocess images.")
-@click.option("--full-engine", is_flag=True,
-              help="Start vLLM with the language model and a KV cache too (default: the vision tower alone, "
-                   "vLLM's mm_encoder_only mode).")
+@click.option("--full-engine/--mm-encoder-only", default=False,
+              help="--full-engine starts vLLM with the language model and a KV cache too; the default, "
+                   "--mm-encoder-only (vLLM's name), starts the vision tower alone.")
 @click.option("--overwrite", is_flag=True, help="Recompute entries already in the store (default: skip them, so runs resume).")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--ray", "use_ray", is_flag=True,

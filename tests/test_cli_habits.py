@@ -96,3 +96,16 @@ def test_encode_exit_3_and_no_bars_with_no_progress(tiny_model, images, tmp_path
     assert out.stdout.startswith("encoded 1,") and "failed 1" in out.stdout
     assert "%|" not in out.stderr and "img/s" not in out.stderr
     assert "Completed |" not in out.stderr  # vLLM's own weight-loading bar is off too
+
+
+def test_vllm_option_names_are_accepted():
+    """vLLM's spellings of splitvlm's options: --limit-mm-per-prompt (its JSON too) and --mm-encoder-only."""
+    from splitvlm.cli.decode_cmd import ImageLimit
+
+    limit = ImageLimit()
+    assert limit.convert("3", None, None) == limit.convert('{"image": 3}', None, None) == 3
+    assert limit.convert('{"image": 2, "video": 0}', None, None) == 2
+    decode_help = CliRunner().invoke(cli, ["decode", "--help"]).output
+    encode_help = CliRunner().invoke(cli, ["encode", "--help"]).output
+    assert "--limit-mm-per-prompt" in decode_help and "--mm-encoder-only" in encode_help
+

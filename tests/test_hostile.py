@@ -133,6 +133,8 @@ def test_nan_embeddings_are_never_stored_or_decoded(store, monkeypatch):
     (["decode", "--jobs", "J", "--out", "O", "--max-tokens", "0"], "--max-tokens"),
     (["decode", "--jobs", "J", "--out", "O", "--batch-jobs", "0"], "--batch-jobs"),
     (["decode", "--jobs", "J", "--out", "O", "--limit-images", "-1"], "--limit-images"),
+    (["decode", "--jobs", "J", "--out", "O", "--limit-mm-per-prompt", '{"audio": 2}'], '{"image": N}'),
+    (["decode", "--jobs", "J", "--out", "O", "--limit-mm-per-prompt", "{not json"], "not JSON"),
     (["decode", "--jobs", "J", "--out", "O", "--min-pixels", "100000", "--max-pixels", "1000"], "larger than"),
     (["decode", "--jobs", "J", "--out", "O", "--dtype", "bf16"], "--dtype"),
     (["encode", "--loader-threads", "0", "IMG"], "--loader-threads"),
