@@ -51,17 +51,14 @@ def paths(tmp_path_factory) -> dict:
     return {"root": root, "stored": stored, "unstored": [str(rgba), str(jpeg)], "store": str(root / "store")}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, paths):
-    """One `splitvlm serve` for the module, started first: its vLLM start overlaps the reference work."""
-    port = free_port()
-    log = open(paths["root"] / "serve.log", "wb")
+def running_serve(tiny_model: str, paths: dict, name: str, *options: str):
+    """`splitvlm serve` on the module's store on a free port, logging to NAME.log; stopped at the end."""
+    port, log_path = free_port(), paths["root"] / f"{name}.log"
+    log = open(log_path, "wb")
     cmd = [sys.executable, "-m", "splitvlm", "serve", "--model", tiny_model, "--store", paths["store"],
-           "--port", str(port), "--max-model-len", "2048", "--allowed-media-path", str(paths["root"] / "images"),
-           "--api-key", KEY, "--store-new"]
+           "--port", str(port), "--max-model-len", "2048", *options]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
-    handle = {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": paths["root"] / "serve.log", "up": False}
-    yield handle
+    yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": log_path}
     proc.terminate()
     try:
         proc.wait(60)
@@ -69,24 +66,19 @@ def server(tiny_model, paths):
         proc.kill()
         proc.wait()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, paths):
+    """One `splitvlm serve` for the module, started first: its vLLM start overlaps the reference work."""
+    yield from running_serve(tiny_model, paths, "serve", "--allowed-media-path", str(paths["root"] / "images"),
+                             "--api-key", KEY, "--store-new")
 
 
 @pytest.fixture(scope="module")
 def server_two(tiny_model, paths):
     """A second `splitvlm serve` on the same store with two API-server processes (vLLM's --api-server-count)."""
-    port = free_port()
-    log = open(paths["root"] / "serve2.log", "wb")
-    cmd = [sys.executable, "-m", "splitvlm", "serve", "--model", tiny_model, "--store", paths["store"],
-           "--port", str(port), "--max-model-len", "2048", "--", "--api-server-count", "2"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
-    yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": paths["root"] / "serve2.log"}
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield from running_serve(tiny_model, paths, "serve2", "--", "--api-server-count", "2")
 
 
 def jobs_of(images: list[str]) -> list[Job]:
