@@ -11,6 +11,14 @@ and splitvlm's exact profile through Engine (engine core in its own process on a
 plugin carries the kernels there). Each cell (output length x batch) uses images neither side has
 seen before in that process, EOS is ignored, and requests go to vLLM `batch` at a time. The
 ratio is splitvlm's requests/s over the reference's; issue #16's goal is >= 0.90 everywhere.
+
+    python -m benchmarks.bench_vs_vllm --model DIR --variants exact,exact_cublas,exact_fa3,fast
+
+runs the ablation: each variant (VARIANTS: the exact profile with one setting changed, or fast) is
+one more process after the reference, timed on the same cells, and each side also answers the
+same probe jobs once all at once and once one by one. The report says, per variant, its ratio in
+every cell, whether its probe answers are batch-invariant, and whether they equal the exact
+profile's (the bytes stored results and caches were made with).
 """
 
 from __future__ import annotations
@@ -29,6 +37,15 @@ from splitvlm.core.batching import chunks
 from splitvlm.core.identity import environment
 
 GOAL = 0.90
+PROBE_JOBS = 32  # smoke: 4
+# name: the exact profile with one lever changed (docs/exactness.md says what each one buys), or fast
+VARIANTS: dict[str, dict] = {
+    "exact": {},
+    "exact_cublas": {"profile_value": "exact;invariant_matmul=0"},  # cuBLAS GEMMs, not the invariant Triton ones
+    "exact_fa3": {"vllm_args": {"attention_config": {"backend": "FLASH_ATTN"}}},  # LM attention FA3 (num_splits=1)
+    "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
+    "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,12 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--commit", default="", help="The commit measured (the device has no .git).")
     ap.add_argument("--dir", default=None, help="Where images and the store go.")
     ap.add_argument("--out", default=str(RESULTS / "bench_vs_vllm.json"))
-    ap.add_argument("--side", choices=["reference", "splitvlm"], help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="exact",
+                    help=f"splitvlm sides to time, comma-separated, the first is 'splitvlm' in the report: {', '.join(VARIANTS)}.")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # "reference" or a variant
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.jobs = args.jobs or (8 if args.smoke else 256)
     args.max_tokens = args.max_tokens or ("4,8" if args.smoke else "16,64,256")
     args.batches = args.batches or ("2,8" if args.smoke else "8,256")
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; one of {', '.join(VARIANTS)}")
     return args
 
 
@@ -56,17 +78,17 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     lengths = [int(n) for n in args.max_tokens.split(",")]
     batches = [int(n) for n in args.batches.split(",")]
     cells = list(itertools.product(lengths, batches))
-    warm = 8
-    paths = write_images(root / "img", 0, warm + args.jobs * len(cells), sizes_for(args.smoke), seed=23)
+    warm, probe = 8, 4 if args.smoke else PROBE_JOBS
+    paths = write_images(root / "img", 0, warm + probe + args.jobs * len(cells), sizes_for(args.smoke), seed=23)
     t0 = time.perf_counter()
     rc = subprocess.run([sys.executable, "-m", "splitvlm.cli.main", "encode", "--model", args.model,
                          "--store", str(root / "store"), "--no-progress", str(root / "img")]).returncode
     if rc != 0:
         raise SystemExit(f"encode failed with exit status {rc}")
     plan = {"model": args.model, "store": str(root / "store"), "max_model_len": args.max_model_len,
-            "warm": paths[:warm], "encode_s": time.perf_counter() - t0, "cells": []}
+            "warm": paths[:warm], "probe": paths[warm:warm + probe], "encode_s": time.perf_counter() - t0, "cells": []}
     for k, (max_tokens, batch) in enumerate(cells):
-        lo = warm + k * args.jobs
+        lo = warm + probe + k * args.jobs
         plan["cells"].append({"max_tokens": max_tokens, "batch": batch, "images": paths[lo:lo + args.jobs]})
     return plan
 
@@ -106,11 +128,17 @@ def side(args: argparse.Namespace) -> None:
                   max_model_len=plan["max_model_len"], seed=0, **cpu)
         generate, tokenizer, settings = llm.generate, llm.get_tokenizer(), {"vllm_defaults": True}
     else:
+        import os
+
         from splitvlm.core.config import Config
         from splitvlm.core.engine import Engine
 
-        engine = Engine(Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False),
-                        model_access=False)
+        variant = VARIANTS[args.side]
+        if "profile_value" in variant:  # the plugin's one variable, with the lever changed
+            os.environ["SPLITVLM_PROFILE"] = variant["profile_value"]
+        cfg = Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False,
+                     profile=variant.get("profile", "exact"), vllm_args=variant.get("vllm_args", {}))
+        engine = Engine(cfg, model_access=False)
         generate, tokenizer, settings = engine.generate, engine.tokenizer(), engine.reported()
     start_s = time.perf_counter() - t0
 
@@ -123,6 +151,10 @@ def side(args: argparse.Namespace) -> None:
         return time.perf_counter() - t, tokens
 
     run(_prompts(plan, plan["warm"], tokenizer), 8, 8)
+    probe = _prompts(plan, plan["probe"], tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=16, seed=0)
+    together = [list(o.outputs[0].token_ids) for o in generate(probe, params)]
+    alone = [list(generate([p], params)[0].outputs[0].token_ids) for p in probe]
     cells = []
     for cell in plan["cells"]:
         prompts = _prompts(plan, cell["images"], tokenizer)  # read before the clock starts, on both sides
@@ -130,7 +162,8 @@ def side(args: argparse.Namespace) -> None:
         cells.append({"max_tokens": cell["max_tokens"], "batch": cell["batch"], "jobs": len(prompts),
                       "seconds": seconds, "requests_per_s": len(prompts) / seconds,
                       "output_tokens_per_s": tokens / seconds, "output_tokens": tokens})
-    result = {"side": args.side, "engine_start_s": start_s, "engine": settings, "cells": cells}
+    result = {"side": args.side, "engine_start_s": start_s, "engine": settings, "cells": cells,
+              "probe": {"token_ids": together, "batch_invariant": sum(a == b for a, b in zip(together, alone))}}
     Path(args.plan).with_name(f"{args.side}.json").write_text(json.dumps(result))
 
 
@@ -145,25 +178,39 @@ def main(argv: list[str] | None = None) -> dict:
     plan = prepare(args, root)
     (root / "plan.json").write_text(json.dumps(plan))
     sides = {}
-    for name in ("reference", "splitvlm"):
+    variants = args.variants.split(",")
+    for name in ("reference", *variants):
         done = subprocess.run([sys.executable, "-m", "benchmarks.bench_vs_vllm", "--model", args.model,
                                "--side", name, "--plan", str(root / "plan.json")], capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{name} side failed ({done.returncode}): {done.stderr[-2000:]}")
         sides[name] = json.loads((root / f"{name}.json").read_text())
+    first = variants[0]
     cells = []
-    for ref, ours in zip(sides["reference"]["cells"], sides["splitvlm"]["cells"], strict=True):
+    for k, ref in enumerate(sides["reference"]["cells"]):
+        ours = sides[first]["cells"][k]
         ratio = ours["requests_per_s"] / ref["requests_per_s"]
         cells.append({"max_tokens": ref["max_tokens"], "batch": ref["batch"], "reference": ref, "splitvlm": ours,
                       "ratio": ratio, "goal": goal(ratio, GOAL)})
+    exact_ids = sides["exact"]["probe"]["token_ids"] if "exact" in sides else None
+    ablation = {name: {"ratios": [round(c["requests_per_s"] / r["requests_per_s"], 3)
+                                  for c, r in zip(sides[name]["cells"], sides["reference"]["cells"], strict=True)],
+                       "probe_batch_invariant": f"{sides[name]['probe']['batch_invariant']}/{len(plan['probe'])}",
+                       "probe_same_as_exact": None if exact_ids is None else
+                       f"{sum(a == b for a, b in zip(sides[name]['probe']['token_ids'], exact_ids))}/{len(exact_ids)}"}
+                for name in variants}
     report = {"benchmark": "bench_vs_vllm", "commit": args.commit, "command": command("benchmarks.bench_vs_vllm", argv),
               "smoke": args.smoke, "environment": environment(), "encode_s": plan["encode_s"],
               "engines": {name: {k: s[k] for k in ("engine_start_s", "engine")} for name, s in sides.items()},
-              "cells": cells, "goal_met": all(c["goal"]["met"] for c in cells)}
+              "cells": cells, "goal_met": all(c["goal"]["met"] for c in cells),
+              "cell_order": [[c["max_tokens"], c["batch"]] for c in cells], "ablation": ablation}
     path = write_report(report, args.out)
     for c in cells:
         print(f"{c['max_tokens']:>4} tokens  batch {c['batch']:>4}: reference {c['reference']['requests_per_s']:8.2f} "
-              f"req/s  splitvlm exact {c['splitvlm']['requests_per_s']:8.2f} req/s  ratio {c['ratio']:.2f}")
+              f"req/s  splitvlm {first} {c['splitvlm']['requests_per_s']:8.2f} req/s  ratio {c['ratio']:.2f}")
+    for name, row in ablation.items():
+        print(f"{name}: ratios {row['ratios']}, probe batch-invariant {row['probe_batch_invariant']}, "
+              f"same as exact {row['probe_same_as_exact']}")
     print(f"wrote {path}")
     return report
 

@@ -96,3 +96,21 @@ def test_gpu_check_lane_c_speaks_batch_matrix_s_command_line(tmp_path):
     assert parsed.gpu_memory_utilization == args.lane_memory and parsed.kv_cache_memory_bytes == args.lane_kv_bytes
     assert parsed.max_model_len == args.max_model_len == 32768  # Qwen3-VL's 262,144 did not fit a lane's KV cache
     assert parsed.save_outputs == str(tmp_path / "batch_256.jsonl")
+
+
+def test_bench_vs_vllm_variants_are_real_settings():
+    """Every ablation variant changes a setting that exists: a plugin value the plugin parses, engine
+    arguments of this vLLM, a profile splitvlm has; an unknown variant is refused before any work."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from splitvlm.core.profiles import PROFILES, settings_from
+
+    module = bench("bench_vs_vllm")
+    for name, variant in module.VARIANTS.items():
+        if "profile_value" in variant:
+            assert settings_from(variant["profile_value"]) != settings_from("exact"), name
+        assert set(variant.get("vllm_args", {})) <= set(EngineArgs.__dataclass_fields__), name
+        assert variant.get("profile", "exact") in PROFILES, name
+    with pytest.raises(SystemExit):
+        module.parse_args(["--model", "m", "--variants", "exact,turbo"])
+    assert module.parse_args(["--model", "m", "--variants", "exact,fast"]).variants == "exact,fast"
