@@ -23,7 +23,7 @@ import lmdb
 import torch
 
 from splitvlm.store import EmbeddingStore, Entry, Expect, make_key
-from splitvlm.store.entry import decode_blob, encode_blob, tensor_checksum
+from splitvlm.store.entry import encode_blob, parse_blob, tensor_checksum
 
 RESULTS = Path(__file__).parent / "results" / "bench_store.json"
 CASES = {  # name: (n_tokens, hidden); bf16 entries
@@ -124,7 +124,7 @@ def run_case(root: Path, name: str, n_tokens: int, hidden: int, total_bytes: int
         ((_, blob),) = store._copies([key])
         fetch_latency.append(time.perf_counter() - t)
         t = time.perf_counter()
-        decode_blob(key, blob, expect)
+        parse_blob(key, blob, expect)
         check_latency.append(time.perf_counter() - t)
     t = time.perf_counter()
     for entry in entries[:batch]:

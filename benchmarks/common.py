@@ -153,7 +153,7 @@ def encode_batches(engine, prepared: Sequence[tuple[torch.Tensor, torch.Tensor]]
     sync()
     t0 = time.perf_counter()
     for batch in by_budget(prepared, lambda item: int(item[1].prod()), batch_patches):
-        out.extend(engine.encode(torch.cat([p for p, _ in batch]), torch.cat([g.reshape(1, 3) for _, g in batch])))
+        out.extend(engine.run_tower(torch.cat([p for p, _ in batch]), torch.cat([g.reshape(1, 3) for _, g in batch])))
     sync()
     return out, time.perf_counter() - t0
 

@@ -214,7 +214,7 @@ class Engine:
             raise SplitVLMError(f"{what} reaches into the model, but this engine runs vLLM's engine core in "
                                 "another process (Engine(..., model_access=True) keeps it here)")
 
-    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Embeddings of preprocessed images (concatenated patches), one tensor per image, on the CPU."""
         self._reach_model("encode")
         (out,) = self.llm.apply_model(lambda model: model.splitvlm_encode(pixel_values, grid_thw))

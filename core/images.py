@@ -168,7 +168,7 @@ def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
     return out
 
 
-def decode_image(data: bytes, name: str = "<bytes>", loader: str = "vllm") -> Image.Image:
+def image_from_bytes(data: bytes, name: str = "<bytes>", loader: str = "vllm") -> Image.Image:
     """Bytes to an RGB PIL image by the loader's rules (IMAGE_LOADERS); ImageError with one line on bad input."""
     if loader not in IMAGE_LOADERS:
         raise ImageError(f"unknown image loader {loader!r} (one of {', '.join(IMAGE_LOADERS)})")
@@ -181,13 +181,13 @@ def decode_image(data: bytes, name: str = "<bytes>", loader: str = "vllm") -> Im
 
 
 def image_pixels(data: bytes) -> int:
-    """Pixels decode_image would decode, from the header only; 0 when it would refuse the bytes first."""
+    """Pixels image_from_bytes would decode, from the header only; 0 when it would refuse the bytes first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
                 w, h = img.size
-    except Exception:  # decode_image will refuse these bytes with its own message
+    except Exception:  # image_from_bytes will refuse these bytes with its own message
         return 0
     return w * h if w * h <= MAX_PIXELS else 0
 
@@ -195,4 +195,4 @@ def image_pixels(data: bytes) -> int:
 def load_image(path: str | os.PathLike, loader: str = "vllm") -> tuple[bytes, Image.Image]:
     """The file's bytes (for the key) and its RGB image under the loader (IMAGE_LOADERS)."""
     data = read_image_bytes(path)
-    return data, decode_image(data, str(path), loader)
+    return data, image_from_bytes(data, str(path), loader)

@@ -7,7 +7,7 @@ from PIL import Image, ImageOps
 from splitvlm.core.images import DEEP_MODES, ImageError, _strips, _to_8bit, load_pixels, open_image
 
 
-def decode_image_legacy(data: bytes, name: str = "<bytes>") -> Image.Image:
+def image_from_bytes_legacy(data: bytes, name: str = "<bytes>") -> Image.Image:
     """The RGB image splitvlm-images-1 made of these bytes: the first frame, EXIF orientation, deep grey
     scaled to 8 bits, palette transparency (only) and alpha composited over white by alpha_composite."""
     img = open_image(data, name)

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from splitvlm.core.errors import first_line
-from splitvlm.core.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, decode_image, read_image_bytes
+from splitvlm.core.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, image_from_bytes, read_image_bytes
 from splitvlm.core.tables import SourceError, is_dataset_dir, iter_rows, open_table, read_row
 
 __all__ = ["SEP", "SourceError", "check_source", "image_id", "is_path", "is_url", "iter_images", "iter_refs",
@@ -174,7 +174,7 @@ def read_bytes(ref: str) -> bytes:
 def load_image(ref: str, loader: str = "vllm") -> tuple[bytes, Image.Image]:
     """A reference's bytes (for the key) and its RGB image by the loader's rules (core.images)."""
     data = read_bytes(ref)
-    return data, decode_image(data, ref, loader)
+    return data, image_from_bytes(data, ref, loader)
 
 
 def check_source(spec: str, image_column: str | None = None, id_column: str | None = None) -> int | None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from splitvlm.core.batching import by_budget
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, first_line
-from splitvlm.core.images import decode_image, image_pixels, read_image_bytes
+from splitvlm.core.images import image_from_bytes, image_pixels, read_image_bytes
 from splitvlm.core.lock import check_lock
 from splitvlm.core.provenance import KeyMaker
 from splitvlm.core.sources import is_path, read_bytes
@@ -189,7 +189,7 @@ class Encoder:
                 return "stored", path, key
             engine = self.engine  # started (if need be) before any pixels are held
             with self.pixels.hold(image_pixels(data)):  # decoded once, at full size, within the budget
-                pixel_values, grid = engine.preprocess(decode_image(data, path, self.cfg.image_loader))
+                pixel_values, grid = engine.preprocess(image_from_bytes(data, path, self.cfg.image_loader))
             return Prepared(path, key, pixel_values, grid, digest)
         except EngineStartError:
             raise  # not this image's fault: the run stops
@@ -254,7 +254,7 @@ class Encoder:
     def embed(self, batch: list[Prepared]) -> list[torch.Tensor]:
         pixel_values = torch.cat([p.pixel_values for p in batch])
         grid = torch.cat([p.grid_thw.reshape(1, 3) for p in batch])
-        return self.engine.encode(pixel_values, grid)
+        return self.engine.run_tower(pixel_values, grid)
 
     def encode(self, inputs: Iterable[str] | Inputs) -> Stats:
         """Encode image files, URLs, member references and container sources (Inputs: checked already,

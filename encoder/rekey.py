@@ -11,8 +11,8 @@ import numpy as np
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import LEGACY_LOADER_VERSION, legacy_preprocess, with_loader
-from splitvlm.core.images import decode_image, read_image_bytes
-from splitvlm.core.images_legacy import decode_image_legacy
+from splitvlm.core.images import image_from_bytes, read_image_bytes
+from splitvlm.core.images_legacy import image_from_bytes_legacy
 from splitvlm.core.provenance import Provenance, old_loader
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import (
@@ -45,8 +45,8 @@ class RekeyStats:
 
 def _same_pixels(data: bytes, source: str, image_loader: str, key: str) -> None:
     """NeedsReencode unless the old loader and this one give these bytes the same pixels."""
-    old = np.asarray(decode_image_legacy(data, source))
-    new = np.asarray(decode_image(data, source, image_loader))
+    old = np.asarray(image_from_bytes_legacy(data, source))
+    new = np.asarray(image_from_bytes(data, source, image_loader))
     if old.shape != new.shape or not np.array_equal(old, new):
         raise NeedsReencode(f"{key}: needs re-encode: {source} decodes to other pixels under the {image_loader} "
                             f"loader than under {LEGACY_LOADER_VERSION}; left as it is")

@@ -18,7 +18,7 @@ from vllm.multimodal.media.base import MediaIO
 
 from splitvlm.core.errors import SplitVLMError, first_line
 from splitvlm.core.families import read_config
-from splitvlm.core.images import decode_image, read_image_bytes
+from splitvlm.core.images import image_from_bytes, read_image_bytes
 from splitvlm.core.provenance import Provenance
 from splitvlm.serve.lookup import StoreAccess, expect_of
 from splitvlm.serve.metrics import with_counters
@@ -55,7 +55,7 @@ def canonical(data: bytes, name: str, loader: str = "vllm") -> bytes | None:
     `scaled`; else a PNG of splitvlm's pixels (16-bit grey scaled). ImageError if the bytes are bad."""
     from PIL import Image
 
-    image = decode_image(data, name, loader)
+    image = image_from_bytes(data, name, loader)
     if loader == "vllm":
         return None
     with Image.open(io.BytesIO(data)) as raw:

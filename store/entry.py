@@ -31,7 +31,7 @@ CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile
 DTYPES = EMBED_DTYPES  # the dtypes an embedding may have, by name
 TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
 UNNAMED_FAMILY = "qwen2-vl"  # an entry that records no family was made before families were recorded
-__all__ = ["Entry", "Expect", "check_tensors", "decode_blob", "dtype_name", "encode_blob", "encode_entry",
+__all__ = ["Entry", "Expect", "check_tensors", "parse_blob", "dtype_name", "encode_blob", "encode_entry",
            "tensor_checksum"]
 
 
@@ -145,7 +145,7 @@ def checked_meta(key: str, header: dict) -> dict[str, str]:
     return meta
 
 
-def decode_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect | None = None) -> Entry:
+def parse_blob(key: str, blob: bytes | bytearray | memoryview, expect: Expect | None = None) -> Entry:
     """The entry in a stored blob, after every check; StoreError with one line naming the key otherwise.
 
     The tensors view blob when it is writable (a bytearray or a writable memoryview), else a copy.
@@ -183,7 +183,7 @@ def check_finite(key: str, embeds: Any) -> None:
 def check_tensors(key: str, embeds: Any, grid: Any, meta: dict, expect: Expect | None) -> None:
     """Shape, dtype, hidden size and finite values, against the entry's own metadata and the caller's model.
 
-    embeds and grid: torch tensors, numpy arrays or Raws (what decode_blob reads)."""
+    embeds and grid: torch tensors, numpy arrays or Raws (what parse_blob reads)."""
     if dtype_of(grid) != "int64" or list(grid.shape) != [1, 3]:
         raise StoreError(f"{key}: image_grid_thw is {dtype_of(grid)} {list(grid.shape)}, expected int64 [1, 3]")
     if len(embeds.shape) != 2 or dtype_of(embeds) not in DTYPES:

@@ -12,7 +12,7 @@ from typing import IO, Any
 import numpy as np
 
 from splitvlm.store.arrays import Raw, as_raw, is_tensor, widen
-from splitvlm.store.entry import Entry, decode_blob
+from splitvlm.store.entry import Entry, parse_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
 from splitvlm.store.store import EmbeddingStore
@@ -202,7 +202,7 @@ def _read(store: EmbeddingStore, key: str, native: bool) -> tuple[Entry, bytes |
     blob = store.raw(key) if native else None
     if native and blob is None:
         raise StoreError(f"{key}: missing")
-    return (store.get(key) if blob is None else decode_blob(key, blob)), blob  # decode_blob: get's checks
+    return (store.get(key) if blob is None else parse_blob(key, blob)), blob  # parse_blob: get's checks
 
 
 def export_store(store: EmbeddingStore, out: str, fmt: str, *, dtype: str = "float32",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from splitvlm.store.blob import read_header
-from splitvlm.store.entry import decode_blob
+from splitvlm.store.entry import parse_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
 from splitvlm.store.store import EmbeddingStore
@@ -87,7 +87,7 @@ def _problem(key: bytes, value: bytes) -> str | None:
     if not is_key(text):
         return f"{text}: not a store key (64 lowercase hex digits)"
     try:
-        decode_blob(text, value)
+        parse_blob(text, value)
     except StoreError as exc:
         return str(exc)
     return None

@@ -13,7 +13,7 @@ import numpy as np
 from splitvlm.store import env as shared_env
 from splitvlm.store import walk
 from splitvlm.store.ahead import Ahead
-from splitvlm.store.entry import Entry, Expect, decode_blob, encode_entry
+from splitvlm.store.entry import Entry, Expect, encode_entry, parse_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
 
@@ -181,7 +181,7 @@ class EmbeddingStore:
             for key, data in copies:
                 if data is None:
                     raise StoreError(f"{key}: missing")
-                entries.append(decode_blob(key, data, expect))  # checked while the copy is in cache
+                entries.append(parse_blob(key, data, expect))  # checked while the copy is in cache
         return entries
 
     # -- walking the whole store (see walk.py) --

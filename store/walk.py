@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from splitvlm.store.blob import read_header
-from splitvlm.store.entry import Expect, decode_blob, describe
+from splitvlm.store.entry import Expect, describe, parse_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import has_old_key, is_key
 
@@ -66,7 +66,7 @@ def check(store: EmbeddingStore, expect: Expect | None, progress: Progress) -> I
             yield key, f"{key}: not a store key (64 lowercase hex digits)"
         elif data is not None:  # else removed since the walk began
             try:
-                decode_blob(key, data, expect)
+                parse_blob(key, data, expect)
                 yield key, None
             except StoreError as exc:
                 yield key, str(exc)

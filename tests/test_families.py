@@ -104,7 +104,7 @@ def test_batch_1_vs_8_vs_shuffled(family_engine):
     prepared = [family_engine.preprocess(im) for im in images]
     tokens_hw = [(int(g[0, 1]) // 2, int(g[0, 2]) // 2) for _, g in prepared]
     assert any(h > 4 or w > 4 for h, w in tokens_hw) and any(h % 4 or w % 4 for h, w in tokens_hw)
-    alone = [family_engine.encode(pv, g)[0] for pv, g in prepared]
+    alone = [family_engine.run_tower(pv, g)[0] for pv, g in prepared]
     embeds, _ = encode_batches(family_engine, prepared, batch_patches=4096)
     assert all(torch.equal(a, b) for a, b in zip(embeds, alone))  # the tower: batch of 8 == one by one
     jobs = [(i, 2 * (i % 2)) for i in range(8)]  # prompts 0 and 2 by turns
@@ -128,7 +128,7 @@ def test_sensitive_like_the_qwen2_vl_tiny_model(family_engine):
     assert len(set(asked)) >= 3
     hidden, width = family_engine.hidden_size, family_engine.embed_width
     prepared = [family_engine.preprocess(image) for image in images]
-    encoded = [(family_engine.encode(pv, grid)[0], grid) for pv, grid in prepared]
+    encoded = [(family_engine.run_tower(pv, grid)[0], grid) for pv, grid in prepared]
     assert all(e.shape[1] == width for e, _ in encoded)
 
     def noisy(columns: slice) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitvlm.core.images import ImageError, decode_image, load_image, read_image_bytes
+from splitvlm.core.images import ImageError, image_from_bytes, load_image, read_image_bytes
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -20,7 +20,7 @@ def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def test_rgb_passes_through_unchanged():
     arr = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    out = decode_image(encoded(Image.fromarray(arr)))
+    out = image_from_bytes(encoded(Image.fromarray(arr)))
     assert out.mode == "RGB" and np.array_equal(np.asarray(out), arr)
 
 
@@ -28,37 +28,37 @@ def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), "red")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
-    out = decode_image(encoded(img, "JPEG", exif=exif.tobytes()))
+    out = image_from_bytes(encoded(img, "JPEG", exif=exif.tobytes()))
     assert out.size == (20, 40)
 
 
 def test_alpha_is_composited_over_white():
     img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
-    assert decode_image(encoded(img)).getpixel((5, 5)) == (255, 255, 255)
+    assert image_from_bytes(encoded(img)).getpixel((5, 5)) == (255, 255, 255)
     img = Image.new("RGBA", (10, 10), (255, 0, 0, 255))
-    assert decode_image(encoded(img)).getpixel((5, 5)) == (255, 0, 0)
+    assert image_from_bytes(encoded(img)).getpixel((5, 5)) == (255, 0, 0)
 
 
 def test_palette_grey_cmyk_and_16_bit_become_rgb():
     pal = Image.new("P", (10, 10), 3)
     pal.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90] + [0] * 756)
-    assert decode_image(encoded(pal)).getpixel((0, 0)) == (70, 80, 90)
-    assert decode_image(encoded(Image.new("L", (10, 10), 77))).getpixel((0, 0)) == (77, 77, 77)
-    cmyk = decode_image(encoded(Image.new("CMYK", (10, 10), (0, 255, 255, 0)), "JPEG", quality=100))
+    assert image_from_bytes(encoded(pal)).getpixel((0, 0)) == (70, 80, 90)
+    assert image_from_bytes(encoded(Image.new("L", (10, 10), 77))).getpixel((0, 0)) == (77, 77, 77)
+    cmyk = image_from_bytes(encoded(Image.new("CMYK", (10, 10), (0, 255, 255, 0)), "JPEG", quality=100))
     r, g, b = cmyk.getpixel((0, 0))
     assert r > 200 and g < 60 and b < 60
     deep = Image.fromarray(np.full((10, 10), 65535, dtype=np.uint16))
-    assert decode_image(encoded(deep)).getpixel((0, 0)) == (255, 255, 255)
+    assert image_from_bytes(encoded(deep)).getpixel((0, 0)) == (255, 255, 255)
     mid = encoded(Image.fromarray(np.full((10, 10), 1000, dtype=np.uint16)))
-    assert decode_image(mid).getpixel((0, 0)) == (255, 255, 255)  # vLLM's convert("RGB") clips 16-bit
-    assert decode_image(mid, loader="scaled").getpixel((0, 0)) == (4, 4, 4)  # rint(1000 / 257)
+    assert image_from_bytes(mid).getpixel((0, 0)) == (255, 255, 255)  # vLLM's convert("RGB") clips 16-bit
+    assert image_from_bytes(mid, loader="scaled").getpixel((0, 0)) == (4, 4, 4)  # rint(1000 / 257)
 
 
 def test_animated_image_uses_first_frame():
     frames = [Image.new("RGB", (16, 16), c) for c in ("blue", "red", "green")]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    r, g, b = decode_image(buf.getvalue()).getpixel((8, 8))
+    r, g, b = image_from_bytes(buf.getvalue()).getpixel((8, 8))
     assert b > 200 and r < 50
 
 
@@ -73,7 +73,7 @@ def test_animated_image_uses_first_frame():
 )
 def test_bad_bytes_give_one_line_errors(data, reason):
     with pytest.raises(ImageError) as err:
-        decode_image(data, "x.png")
+        image_from_bytes(data, "x.png")
     assert reason in str(err.value) and "\n" not in str(err.value) and "x.png" in str(err.value)
 
 
@@ -82,7 +82,7 @@ def test_decompression_bomb_is_refused(monkeypatch):
 
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
     with pytest.raises(ImageError, match="pixels"):
-        decode_image(encoded(Image.new("RGB", (20, 20))), "bomb.png")
+        image_from_bytes(encoded(Image.new("RGB", (20, 20))), "bomb.png")
 
 
 def test_bad_paths(tmp_path):

@@ -14,7 +14,7 @@ from helpers import config
 from PIL import Image
 
 import splitvlm.core.images as images
-from splitvlm.core.images import decode_image
+from splitvlm.core.images import image_from_bytes
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore
 
@@ -39,7 +39,7 @@ def test_16_bit_conversion_equals_the_old_formula_for_every_value(monkeypatch):
     values = np.arange(65536, dtype=np.uint16)
     assert np.array_equal(images.u16_to_u8(values), old_to_8bit(values, "I;16"))
     monkeypatch.setattr(images, "STRIP_PIXELS", 1000)  # many strips, boundaries mid-image
-    out = np.asarray(decode_image(png(Image.fromarray(values.reshape(256, 256))), loader="scaled"))
+    out = np.asarray(image_from_bytes(png(Image.fromarray(values.reshape(256, 256))), loader="scaled"))
     assert np.array_equal(out, np.repeat(old_to_8bit(values, "I;16").reshape(256, 256, 1), 3, axis=2))
 
 
@@ -61,7 +61,7 @@ def test_decoding_a_large_16_bit_png_allocates_little():
                compress_level=1)
     tracemalloc.start()
     try:
-        img = decode_image(data, "big.png")
+        img = image_from_bytes(data, "big.png")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -18,8 +18,8 @@ from vllm.multimodal.media.image import ImageMediaIO
 import splitvlm.core.images as images
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import LOADER_VERSION, legacy_preprocess, preprocess_identity
-from splitvlm.core.images import ImageError, decode_image, load_image, u16_to_u8
-from splitvlm.core.images_legacy import decode_image_legacy
+from splitvlm.core.images import ImageError, image_from_bytes, load_image, u16_to_u8
+from splitvlm.core.images_legacy import image_from_bytes_legacy
 from splitvlm.core.provenance import KeyMaker, Provenance, explain_misses
 from splitvlm.encoder.rekey import rekey
 from splitvlm.store import EmbeddingStore, Entry
@@ -131,28 +131,28 @@ def test_the_cases_are_what_they_say(files):
     assert modes["32-bit I TIFF"] == "I" and modes["float F TIFF"] == "F" and modes["1-bit"] == "1"
     assert modes["CMYK JPEG"] == "CMYK" and modes["palette, transparent index"] == "P"
     assert modes["16-bit RGB PNG"] == "RGB"  # Pillow reads 16-bit RGB PNGs as 8-bit RGB (the high bytes)
-    assert decode_image(files["EXIF orientation 6 JPEG"].read_bytes()).size == (H, W)  # turned, as vLLM does
+    assert image_from_bytes(files["EXIF orientation 6 JPEG"].read_bytes()).size == (H, W)  # turned, as vLLM does
 
 
 def test_sixteen_bit_grey_is_vllms_by_default_and_rint_257_when_scaled(files):
     data = files["16-bit grey PNG (I;16)"].read_bytes()
     raw = np.asarray(Image.open(io.BytesIO(data))).astype(np.uint16)
-    default, scaled = np.asarray(decode_image(data)), np.asarray(decode_image(data, loader="scaled"))
+    default, scaled = np.asarray(image_from_bytes(data)), np.asarray(image_from_bytes(data, loader="scaled"))
     assert np.array_equal(default, np.asarray(ImageMediaIO().load_bytes(data).media))
     assert np.array_equal(scaled, np.repeat(u16_to_u8(raw)[..., None], 3, axis=2))
-    assert np.array_equal(scaled, np.asarray(decode_image_legacy(data)))  # today's 16-bit values, kept
+    assert np.array_equal(scaled, np.asarray(image_from_bytes_legacy(data)))  # today's 16-bit values, kept
     assert default.mean() > 200 and abs(scaled.mean() - raw.mean() / 257) < 1  # vLLM saturates, scaled does not
     rgb = files["RGBA"].read_bytes()  # "scaled" differs from "vllm" only for deep grey
-    assert np.array_equal(np.asarray(decode_image(rgb, loader="scaled")), np.asarray(decode_image(rgb)))
+    assert np.array_equal(np.asarray(image_from_bytes(rgb, loader="scaled")), np.asarray(image_from_bytes(rgb)))
 
 
 def test_refusals_stay_one_line_and_name_the_input(tmp_path):
     with pytest.raises(ImageError, match="unknown image loader"):
-        decode_image(b"", "x.png", loader="other")
+        image_from_bytes(b"", "x.png", loader="other")
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"  # vLLM does not open EPS (Ghostscript)
     for data, reason in [(eps, "not an image file"), (saved(RGBA)[:80], "truncated")]:
         with pytest.raises(ImageError, match=reason) as err:
-            decode_image(data, "odd.img")
+            image_from_bytes(data, "odd.img")
         assert "\n" not in str(err.value) and "odd.img" in str(err.value)
 
 

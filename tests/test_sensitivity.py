@@ -90,7 +90,7 @@ def test_one_percent_noise_changes_output(engine, images):
     clean, noisy = [], []
     for image in images:
         pixel_values, grid = engine.preprocess(image)
-        (emb,) = engine.encode(pixel_values, grid)
+        (emb,) = engine.run_tower(pixel_values, grid)
         rms = emb.float().pow(2).mean().sqrt()
         noise = torch.randn(emb.shape, generator=gen) * (0.01 * rms)
         emb_noisy = (emb.float() + noise).to(emb.dtype)

@@ -19,7 +19,7 @@ from helpers import config
 from PIL import Image
 
 from splitvlm.cli.main import cli
-from splitvlm.core.images import decode_image
+from splitvlm.core.images import image_from_bytes
 from splitvlm.core.provenance import KeyMaker
 from splitvlm.decoder import Decoder
 from splitvlm.decoder.cache import prompt_token_ids
@@ -94,7 +94,7 @@ def expected(tiny_model, engine, paths) -> dict:
     decoded = {r.id: r for r in Decoder(cfg, engine=engine).generate(jobs_of(paths["stored"]))}
     tok = engine.tokenizer()
     e2e_jobs = jobs_of(paths["unstored"])
-    prompts = [{"prompt": build_prompt(tok, j), "multi_modal_data": {"image": [decode_image(Path(j.images[0]).read_bytes())]}}
+    prompts = [{"prompt": build_prompt(tok, j), "multi_modal_data": {"image": [image_from_bytes(Path(j.images[0]).read_bytes())]}}
                for j in e2e_jobs]
     outputs = engine.generate(prompts, engine.sampling_params(TOKENS))
     e2e = {j.id: (o.outputs[0].text, list(o.outputs[0].token_ids)) for j, o in zip(e2e_jobs, outputs)}
@@ -270,7 +270,7 @@ def test_a_request_with_stored_and_unstored_images(api, expected, tiny_model, pa
     assert after["tower_images"] - before["tower_images"] == 1
     job = Job("mixed", images, [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}])
     tok, engine = expected["tokenizer"], expected["engine"]
-    prompt = {"prompt": build_prompt(tok, job), "multi_modal_data": {"image": [decode_image(Path(p).read_bytes()) for p in images]}}
+    prompt = {"prompt": build_prompt(tok, job), "multi_modal_data": {"image": [image_from_bytes(Path(p).read_bytes()) for p in images]}}
     output = engine.generate([prompt], engine.sampling_params(TOKENS))[0].outputs[0]
     assert got["text"].encode() == output.text.encode() and got["token_ids"] == list(output.token_ids)
 

@@ -167,7 +167,7 @@ class Verifier:
                 stored = store.get(key)
                 source = self._source(ref, key, store, stored)
                 pixel_values, grid = self.engine.preprocess(load_image(source, self.cfg.image_loader)[1])
-                (fresh,) = self.engine.encode(pixel_values, grid)  # as the encoder's batch of one
+                (fresh,) = self.engine.run_tower(pixel_values, grid)  # as the encoder's batch of one
             except SplitVLMError as exc:
                 report.embedding_mismatches.append({"key": key, "source": ref, "jobs": users[key], "error": str(exc)})
                 continue
