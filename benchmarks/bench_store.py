@@ -23,7 +23,7 @@ import lmdb
 import torch
 
 from splitvlm.store import EmbeddingStore, Entry, Expect, make_key
-from splitvlm.store.entry import encode_blob, parse_blob, tensor_checksum
+from splitvlm.store.entry import parse_blob, tensor_checksum
 
 RESULTS = Path(__file__).parent / "results" / "bench_store.json"
 CASES = {  # name: (n_tokens, hidden); bf16 entries
@@ -132,7 +132,7 @@ def run_case(root: Path, name: str, n_tokens: int, hidden: int, total_bytes: int
     checksum_s = (time.perf_counter() - t) / batch
     t = time.perf_counter()
     for entry in entries[:batch]:
-        encode_blob(entry)
+        entry_bytes(entry)
     encode_s = (time.perf_counter() - t) / batch
     stats = store.stats()
     store.close()

@@ -31,7 +31,7 @@ CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile
 DTYPES = EMBED_DTYPES  # the dtypes an embedding may have, by name
 TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
 UNNAMED_FAMILY = "qwen2-vl"  # an entry that records no family was made before families were recorded
-__all__ = ["Entry", "Expect", "check_tensors", "parse_blob", "dtype_name", "encode_blob", "encode_entry",
+__all__ = ["Entry", "Expect", "check_tensors", "parse_blob", "dtype_name", "entry_bytes", "entry_parts",
            "tensor_checksum"]
 
 
@@ -83,12 +83,12 @@ def tokens_fit(n_tokens: int, grid: list[int], merge_size: int | None = None) ->
     return math.isqrt(square) ** 2 == square
 
 
-def encode_blob(entry: Entry) -> bytes:
+def entry_bytes(entry: Entry) -> bytes:
     """The safetensors bytes stored for an entry; fills the store's own metadata fields."""
-    return encode_entry(entry).to_bytes()
+    return entry_parts(entry).to_bytes()
 
 
-def encode_entry(entry: Entry) -> Blob:
+def entry_parts(entry: Entry) -> Blob:
     """The value stored for an entry, as parts; checks the entry and fills the store's metadata fields."""
     key = entry.key
     if not isinstance(key, str) or not is_key(key):

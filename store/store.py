@@ -13,7 +13,7 @@ import numpy as np
 from splitvlm.store import env as shared_env
 from splitvlm.store import walk
 from splitvlm.store.ahead import Ahead
-from splitvlm.store.entry import Entry, Expect, encode_entry, parse_blob
+from splitvlm.store.entry import Entry, Expect, entry_parts, parse_blob
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import is_key
 
@@ -96,7 +96,7 @@ class EmbeddingStore:
         ordered = [chosen[key] for key in sorted(chosen)]
         size_hint = sum(e.nbytes + 4096 for e in ordered)
         db = self.shared.embeddings
-        with Ahead(encode_entry, ordered) as encoded:
+        with Ahead(entry_parts, ordered) as encoded:
 
             def put_all(txn: lmdb.Transaction) -> int:
                 scratch, written = bytearray(), 0
