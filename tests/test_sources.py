@@ -104,7 +104,7 @@ def test_every_source_resolves_to_the_files_bytes(corpus):
     assert [read_bytes(r) for r, _ in plain] == data
     assert [read_bytes(u) for u in corpus["urls"]] == data
     assert [image_id(u) for u in corpus["urls"]] == [Path(p).stem for p in corpus["paths"]]
-    fsspec = pytest.importorskip("fsspec")
+    fsspec = pytest.importorskip("fsspec")  # pinned in requirements/cpu.txt: never skipped in CI
     with fsspec.open("memory://bucket/a.png", "wb") as f:  # fsspec's own in-memory file system: a real read
         f.write(data[0])
     assert read_bytes("memory://bucket/a.png") == data[0]
@@ -237,3 +237,19 @@ def test_a_bad_member_is_one_line_and_the_rest_are_stored(tiny_model, engine, co
     fake.write_bytes(b"not a tar" * 100)
     with pytest.raises(SplitVLMError, match="fake.tar: not a tar file"):  # the whole input: refused before any work
         Encoder(cfg, engine=engine).encode([str(fake)])
+
+
+def test_a_folder_written_by_hf_datasets(corpus, tmp_path):
+    """A real `datasets.Dataset.save_to_disk` folder (an Image column, an id column) reads as the files' bytes."""
+    datasets = pytest.importorskip("datasets")  # pinned in requirements/cpu.txt: never skipped in CI
+
+    data, ids = corpus["data"], corpus["ids"]
+    table = datasets.Dataset.from_dict({"id": ids, "image": [{"bytes": d, "path": None} for d in data]})
+    table = table.cast_column("image", datasets.Image())
+    folder = tmp_path / "hf_dataset"
+    table.save_to_disk(str(folder))
+    got = list(iter_images(str(folder)))
+    assert [r for r, _ in got] == [f"{folder}::{i}" for i in ids]
+    assert [d for _, d in got] == data
+    assert read_bytes(f"{folder}::{ids[2]}") == data[2]
+
