@@ -29,7 +29,7 @@ from benchmarks.common import (
     write_images,
 )
 from splitvlm.core.config import Config
-from splitvlm.core.images import load_image
+from splitvlm.core.sources import load_image
 from splitvlm.decoder.jobs import Job, build_prompt
 from splitvlm.decoder.pipeline import embeds_input, vllm_prompt
 from splitvlm.store import EmbeddingStore

@@ -36,7 +36,7 @@ from benchmarks.common import (
     write_images,
 )
 from splitvlm.core.config import Config
-from splitvlm.core.images import load_image
+from splitvlm.core.sources import load_image
 
 GOAL_SHARE_OF_PEAK = 0.65
 GOAL_STORE_SHARE = 0.05

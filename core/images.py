@@ -190,9 +190,3 @@ def image_pixels(data: bytes) -> int:
     except Exception:  # image_from_bytes will refuse these bytes with its own message
         return 0
     return w * h if w * h <= MAX_PIXELS else 0
-
-
-def load_image(path: str | os.PathLike, loader: str = "vllm") -> tuple[bytes, Image.Image]:
-    """The file's bytes (for the key) and its RGB image under the loader (IMAGE_LOADERS)."""
-    data = read_image_bytes(path)
-    return data, image_from_bytes(data, str(path), loader)

@@ -147,17 +147,16 @@ def _tar_member(path: str, member: str, ref: str) -> bytes:
     offset, size, regular = found
     if not regular:
         raise SourceError(f"{ref}: not a regular file in the tar (a link or folder)")
-    if size == 0:
-        raise SourceError(f"{ref}: empty (0 bytes)")
-    if size > MAX_FILE_BYTES:
+    if size > MAX_FILE_BYTES:  # before reading it; an empty member is refused by read_bytes (_checked)
         raise SourceError(f"{ref}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for an image file")
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
 
 
-def read_bytes(ref: str) -> bytes:
+def read_bytes(ref: str | os.PathLike) -> bytes:
     """The encoded bytes any reference names (the key is made from them); SourceError/ImageError in one line."""
+    ref = os.fspath(ref)
     if ref.lower().startswith("file://"):
         ref = urllib.parse.unquote(ref[len("file://"):])
     if is_url(ref):
@@ -171,10 +170,10 @@ def read_bytes(ref: str) -> bytes:
     return _checked(ref, read_row(path, kind, query, member, ref))
 
 
-def load_image(ref: str, loader: str = "vllm") -> tuple[bytes, Image.Image]:
-    """A reference's bytes (for the key) and its RGB image by the loader's rules (core.images)."""
+def load_image(ref: str | os.PathLike, loader: str = "vllm") -> tuple[bytes, Image.Image]:
+    """A reference's (or a local path's) bytes, for the key, and its RGB image by the loader's rules (core.images)."""
     data = read_bytes(ref)
-    return data, image_from_bytes(data, ref, loader)
+    return data, image_from_bytes(data, os.fspath(ref), loader)
 
 
 def check_source(spec: str, image_column: str | None = None, id_column: str | None = None) -> int | None:

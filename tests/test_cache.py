@@ -62,7 +62,7 @@ def test_prompt_token_ids_are_vllms(engine, images, tmp_path):
     out = engine.generate([{"prompt": text}], engine.sampling_params(max_tokens=1))[0]
     assert prompt_token_ids(tok, text) == list(out.prompt_token_ids)
 
-    from splitvlm.core.images import load_image
+    from splitvlm.core.sources import load_image
 
     text = build_prompt(tok, image_job)
     out = engine.generate([{"prompt": text, "multi_modal_data": {"image": load_image(images[0])[1]}}],

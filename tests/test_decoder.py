@@ -59,7 +59,7 @@ def test_jobs_forms_order_and_fields(store, engine, images, tmp_path):
 
 def test_prompt_matches_vllm_chat(store, engine, images, tmp_path):
     """Our prompt text tokenizes to what vLLM's own chat path builds for the same messages."""
-    from splitvlm.core.images import load_image
+    from splitvlm.core.sources import load_image
     from splitvlm.decoder.jobs import build_prompt
 
     (job,) = read_jobs(write_jobs(tmp_path / "j.jsonl", [{"id": "a", "images": [images[0]], "prompt": "Describe it."}]))

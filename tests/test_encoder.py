@@ -67,7 +67,7 @@ def test_stored_embeddings_equal_vllms_own_end_to_end(tiny_model, engine, corpus
     tok = engine.tokenizer()
     text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
                                    tokenize=False, add_generation_prompt=True)
-    from splitvlm.core.images import load_image
+    from splitvlm.core.sources import load_image
 
     with engine.recording() as recorded:
         engine.generate([{"prompt": text, "multi_modal_data": {"image": load_image(p)[1]}} for p in good[:8]],

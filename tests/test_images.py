@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitvlm.core.images import ImageError, image_from_bytes, load_image, read_image_bytes
+from splitvlm.core.images import ImageError, image_from_bytes, read_image_bytes
+from splitvlm.core.sources import load_image
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -18,9 +18,10 @@ from vllm.multimodal.media.image import ImageMediaIO
 import splitvlm.core.images as images
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import LOADER_VERSION, legacy_preprocess, preprocess_identity
-from splitvlm.core.images import ImageError, image_from_bytes, load_image, u16_to_u8
+from splitvlm.core.images import ImageError, image_from_bytes, u16_to_u8
 from splitvlm.core.images_legacy import image_from_bytes_legacy
 from splitvlm.core.provenance import KeyMaker, Provenance, explain_misses
+from splitvlm.core.sources import load_image
 from splitvlm.encoder.rekey import rekey
 from splitvlm.store import EmbeddingStore, Entry
 from splitvlm.store.key import canonical_json, image_digest, key_from_digest, make_key_v1
