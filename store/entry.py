@@ -12,7 +12,6 @@ import blake3
 import numpy as np
 
 from splitvlm.core.errors import first_line
-from splitvlm.core.families import LEGACY
 from splitvlm.store.arrays import (
     EMBED_DTYPES,
     Entry,
@@ -31,6 +30,7 @@ FORMAT = "splitvlm.store/1"
 CALLER_FIELDS = ("model_id", "vllm_version", "torch_version", "device", "profile", "source")
 DTYPES = EMBED_DTYPES  # the dtypes an embedding may have, by name
 TENSOR_NAMES = {"image_embeds", "image_grid_thw"}
+UNNAMED_FAMILY = "qwen2-vl"  # an entry that records no family was made before families were recorded
 __all__ = ["Entry", "Expect", "check_tensors", "parse_blob", "dtype_name", "entry_bytes", "entry_parts",
            "tensor_checksum"]
 
@@ -214,8 +214,7 @@ def check_tensors(key: str, embeds: Any, grid: Any, meta: dict, expect: Expect |
 
 def check_layout(key: str, meta: dict, expect: Expect) -> None:
     """The family and deepstack levels an entry records, against the model's (when Expect names them)."""
-    # no family recorded: the entry was made before families were, by Qwen2-VL
-    family, deepstack = meta.get("family") or LEGACY.name, meta.get("deepstack") or "0"
+    family, deepstack = meta.get("family") or UNNAMED_FAMILY, meta.get("deepstack") or "0"
     if expect.family is not None and family != expect.family:
         raise StoreError(f"{key}: an embedding of a {family} model, the model is {expect.family}; "
                          "re-encode it with this model")

@@ -22,7 +22,7 @@ from splitvlm.core.provenance import KeyMaker, Provenance
 from splitvlm.decoder import Decoder, read_jobs
 from splitvlm.encoder import Encoder
 from splitvlm.store import EmbeddingStore, Expect
-from splitvlm.store.entry import check_tensors
+from splitvlm.store.entry import UNNAMED_FAMILY, check_tensors
 from splitvlm.store.errors import StoreError
 from splitvlm.store.key import image_digest, key_from_digest
 from splitvlm.tools import demo
@@ -172,7 +172,7 @@ def test_expect_names_family_and_deepstack():
     with pytest.raises(StoreError, match=f"^{key}: 2 deepstack levels, the model needs 3"):
         check_tensors(key, embeds, grid, {**meta, "family": "qwen3-vl", "deepstack": "2"},
                       Expect(512, torch.bfloat16, 2, "qwen3-vl", 3))
-    assert LEGACY.name == "qwen2-vl"  # store.entry reads the unrecorded family from here
+    assert UNNAMED_FAMILY == LEGACY.name == "qwen2-vl"
 
 
 def test_qwen2_vl_keys_are_unchanged_and_families_never_share_a_key(tiny_model, tmp_path):
