@@ -1,7 +1,7 @@
 """Single-process `encode` vs `encode --ray` on one machine: images/s of each, and their stores compared entry for entry.
 
     python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 32]
-        [--commit SHA] [--out benchmarks/results/bench_ray_encode.json]
+        [--verify-jobs 256] [--dir DIR] [--commit SHA] [--out benchmarks/results/bench_ray_encode.json]
     python -m benchmarks.bench_ray_encode --model DIR --gpus 0 --workers 2 --smoke   # tiny model, CPU
 
 Writes one corpus of synthetic images (224-800 px; --smoke: a few tiny sizes), then runs the CLI
@@ -9,7 +9,10 @@ twice, one right after the other, each into a fresh store: `splitvlm encode` and
 --ray --gpus N`. Each run's figures come from its --stats-json (images/s over the run, engine and
 Ray start included) and its wall time as a process. The stores must hold the same keys with the
 same tensor bytes; metadata may differ only in `created` (and `meta_checksum`, which covers it).
-Exit status 1 when they differ. The JSON holds the exact commands, both rates and their ratio.
+Both rates come twice: over the whole run, and after the first stored entry (engine and Ray start,
+a fixed cost per run, left out: `images_per_s_after_start`). With --verify-jobs N, `splitvlm verify`
+then runs N jobs (one per image) on the --ray store. Exit status 1 when the stores differ or verify
+does not pass. The JSON holds the exact commands, both rates and their ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None, help="Corpus size (default 512; smoke 16).")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=7, help="Seed of the synthetic images.")
-    ap.add_argument("--dir", default=None, help="Where the images and stores go (default: a temporary folder).")
+    ap.add_argument("--dir", default=None, help="Where the images and stores go, kept afterwards (default: a temporary folder).")
+    ap.add_argument("--verify-jobs", type=int, default=0, help="Then run `splitvlm verify` on this many jobs of the --ray store.")
+    ap.add_argument("--max-tokens", type=int, default=32, help="Output tokens per verify job.")
     ap.add_argument("--commit", default="", help="The commit measured, recorded in the report.")
     ap.add_argument("--smoke", action="store_true", help="Tiny images and a small corpus, for the CPU.")
     ap.add_argument("--out", default=str(RESULTS / "bench_ray_encode.json"))
@@ -58,10 +63,34 @@ def run_encode(args: argparse.Namespace, images: Path, store: Path, extra: list[
     if done.returncode != 0:
         sys.exit(f"{shlex.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     figures = json.loads(stats.read_text())
+    after = figures["seconds"] - (figures["first_stored_s"] or 0.0)
     return {"command": shlex.join(cmd), "wall_s": round(wall, 3), "encoded": figures["encoded"],
             "images_per_s": figures["images_per_s"], "images_per_s_wall": figures["encoded"] / wall,
+            "images_per_s_after_start": figures["encoded"] / after if after > 0 else None,
             "seconds": figures["seconds"], "engine_start_s": figures["engine_start_s"],
             "first_stored_s": figures["first_stored_s"], "ray": figures.get("ray")}
+
+
+def run_verify(args: argparse.Namespace, images: Path, store: Path) -> dict:
+    """`splitvlm verify` of the first --verify-jobs images (one job each) against the store: split == end to end."""
+    from splitvlm.tools.samples import PROMPTS
+
+    paths = sorted(str(p) for p in images.iterdir())[:args.verify_jobs]
+    jobs = store.with_suffix(".jobs.jsonl")
+    jobs.write_text("".join(json.dumps({"id": f"j{i}", "images": [p], "prompt": PROMPTS[i % len(PROMPTS)]}) + "\n"
+                            for i, p in enumerate(paths)))
+    report = store.with_suffix(".verify.json")
+    cmd = [sys.executable, "-m", "splitvlm", "verify", "--model", args.model, "--store", str(store), "--jobs", str(jobs),
+           "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens), "--on-missing", "error",
+           "--no-progress", "--report", str(report)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    out = {"command": shlex.join(cmd), "rc": done.returncode, "jobs": len(paths)}
+    if report.exists():
+        figures = json.loads(report.read_text())
+        out.update({k: figures.get(k) for k in ("ok", "identical", "total", "embeddings_identical", "embeddings_checked")})
+    else:
+        out["stderr"] = done.stderr.strip()[-1500:]
+    return out
 
 
 def compare_stores(a: Path, b: Path) -> dict:
@@ -91,8 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from splitvlm.core.identity import environment
 
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_ray_") as tmp:
-        root = Path(tmp)
+    if args.dir:  # kept afterwards, to look into
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="bench_ray_")
+    try:
+        root = Path(tempfile.mkdtemp(prefix="bench_ray_", dir=args.dir) if args.dir else tmp.name)
         write_images(root / "images", 0, args.images, sizes_for(args.smoke), seed=args.seed)
         single = run_encode(args, root / "images", root / "single", [])
         ray_args = ["--ray", "--gpus", str(args.gpus), "--ray-batch", str(args.ray_batch)]
@@ -100,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         ray_args += ["--address", args.address] if args.address else []
         on_ray = run_encode(args, root / "images", root / "ray", ray_args)
         stores = compare_stores(root / "single", root / "ray")
+        verify = run_verify(args, root / "images", root / "ray") if args.verify_jobs else None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     report = {
         "benchmark": "bench_ray_encode", "date": now(), "commit": args.commit,
         "command": command("benchmarks.bench_ray_encode", argv), "environment": environment(),
@@ -108,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         "single": single, "ray": on_ray, "stores": stores,
         "ratio": on_ray["images_per_s"] / single["images_per_s"] if single["images_per_s"] else None,
         "ratio_wall": on_ray["images_per_s_wall"] / single["images_per_s_wall"] if single["images_per_s_wall"] else None,
+        "ratio_after_start": on_ray["images_per_s_after_start"] / single["images_per_s_after_start"]
+        if single["images_per_s_after_start"] and on_ray["images_per_s_after_start"] else None,
+        "verify": verify, "kept": str(root) if args.dir else None,
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"single {single['images_per_s']:.2f} images/s, --ray {on_ray['images_per_s']:.2f} images/s "
           f"({report['workers']} workers): ratio {report['ratio']:.2f}; stores "
           f"{'equal' if stores['equal'] else 'DIFFER'} ({stores['entries']} entries); wrote {path}")
-    if not stores["equal"]:
+    if verify:
+        print(f"verify of the --ray store: exit {verify['rc']}, identical {verify.get('identical')}/{verify.get('total')}")
+    if not stores["equal"] or (verify and verify["rc"] != 0):
         sys.exit(1)
     return report
 

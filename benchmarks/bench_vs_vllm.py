@@ -1,6 +1,6 @@
 """splitvlm exact decode against vLLM's defaults, both fed the same stored embeddings, side by side.
 
-    python -m benchmarks.bench_vs_vllm --model DIR [--jobs 256] [--max-tokens 16,64,256]
+    python -m benchmarks.bench_vs_vllm --model DIR [--jobs 256] [--rounds 8] [--max-tokens 16,64,256]
         [--batches 8,256] [--commit SHA] [--out benchmarks/results/bench_vs_vllm.json]
     python -m benchmarks.bench_vs_vllm --model DIR --smoke      # tiny sizes for the CPU
 
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=None, help="Jobs per cell (default 256; smoke 8).")
     ap.add_argument("--max-tokens", default=None, help="Output lengths (default 16,64,256; smoke 4,8).")
     ap.add_argument("--batches", default=None, help="Requests handed to vLLM at once (default 8,256; smoke 2,8).")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="Cap a cell at this many batches: min(jobs, rounds x batch) jobs (0: every cell has --jobs).")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--commit", default="", help="The commit measured (the device has no .git).")
@@ -73,13 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cell_jobs(args: argparse.Namespace, batch: int) -> int:
+    """Jobs in a cell: --jobs, or at most --rounds batches of it."""
+    return min(args.jobs, args.rounds * batch) if args.rounds else args.jobs
+
+
 def prepare(args: argparse.Namespace, root: Path) -> dict:
     """Images for a warm-up and for every cell, encoded into one store; the plan both sides run."""
     lengths = [int(n) for n in args.max_tokens.split(",")]
     batches = [int(n) for n in args.batches.split(",")]
     cells = list(itertools.product(lengths, batches))
     warm, probe = 8, 4 if args.smoke else PROBE_JOBS
-    paths = write_images(root / "img", 0, warm + probe + args.jobs * len(cells), sizes_for(args.smoke), seed=23)
+    per_cell = [cell_jobs(args, batch) for _, batch in cells]
+    paths = write_images(root / "img", 0, warm + probe + sum(per_cell), sizes_for(args.smoke), seed=23)
     t0 = time.perf_counter()
     rc = subprocess.run([sys.executable, "-m", "splitvlm.cli.main", "encode", "--model", args.model,
                          "--store", str(root / "store"), "--no-progress", str(root / "img")]).returncode
@@ -87,9 +95,10 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
         raise SystemExit(f"encode failed with exit status {rc}")
     plan = {"model": args.model, "store": str(root / "store"), "max_model_len": args.max_model_len,
             "warm": paths[:warm], "probe": paths[warm:warm + probe], "encode_s": time.perf_counter() - t0, "cells": []}
-    for k, (max_tokens, batch) in enumerate(cells):
-        lo = warm + probe + k * args.jobs
-        plan["cells"].append({"max_tokens": max_tokens, "batch": batch, "images": paths[lo:lo + args.jobs]})
+    lo = warm + probe
+    for (max_tokens, batch), jobs in zip(cells, per_cell):
+        plan["cells"].append({"max_tokens": max_tokens, "batch": batch, "images": paths[lo:lo + jobs]})
+        lo += jobs
     return plan
 
 
@@ -167,6 +176,32 @@ def side(args: argparse.Namespace) -> None:
     Path(args.plan).with_name(f"{args.side}.json").write_text(json.dumps(result))
 
 
+def summarize(args: argparse.Namespace, argv: list[str] | None, plan: dict, sides: dict, failed: dict) -> dict:
+    """The report from the sides done so far: per cell the first variant against the reference, the ablation."""
+    variants = [v for v in args.variants.split(",") if v in sides]
+    first = args.variants.split(",")[0]
+    cells = []
+    for k, ref in enumerate(sides["reference"]["cells"] if first in sides else []):
+        ours = sides[first]["cells"][k]
+        ratio = ours["requests_per_s"] / ref["requests_per_s"]
+        cells.append({"max_tokens": ref["max_tokens"], "batch": ref["batch"], "reference": ref, "splitvlm": ours,
+                      "ratio": ratio, "goal": goal(ratio, GOAL)})
+    exact_ids = sides["exact"]["probe"]["token_ids"] if "exact" in sides else None
+    ablation = {name: {"ratios": [round(c["requests_per_s"] / r["requests_per_s"], 3)
+                                  for c, r in zip(sides[name]["cells"], sides["reference"]["cells"], strict=True)],
+                       "probe_batch_invariant": f"{sides[name]['probe']['batch_invariant']}/{len(plan['probe'])}",
+                       "probe_token_ids": sides[name]["probe"]["token_ids"],  # to compare across reports
+                       "probe_same_as_exact": None if exact_ids is None else
+                       f"{sum(a == b for a, b in zip(sides[name]['probe']['token_ids'], exact_ids))}/{len(exact_ids)}"}
+                for name in variants}
+    return {"benchmark": "bench_vs_vllm", "commit": args.commit, "command": command("benchmarks.bench_vs_vllm", argv),
+            "smoke": args.smoke, "environment": environment(), "encode_s": plan["encode_s"],
+            "engines": {name: {k: s[k] for k in ("engine_start_s", "engine")} for name, s in sides.items()},
+            "cells": cells, "goal_met": bool(cells) and all(c["goal"]["met"] for c in cells),
+            "cell_order": [[c["max_tokens"], c["batch"]] for c in cells], "ablation": ablation,
+            "complete": not failed and len(sides) == 1 + len(args.variants.split(",")), "failed_sides": failed}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.side:
@@ -177,38 +212,25 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench_vs_vllm_", dir=args.dir))
     plan = prepare(args, root)
     (root / "plan.json").write_text(json.dumps(plan))
-    sides = {}
-    variants = args.variants.split(",")
-    for name in ("reference", *variants):
+    sides: dict = {}
+    failed: dict = {}
+    for name in ("reference", *args.variants.split(",")):
         done = subprocess.run([sys.executable, "-m", "benchmarks.bench_vs_vllm", "--model", args.model,
                                "--side", name, "--plan", str(root / "plan.json")], capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"{name} side failed ({done.returncode}): {done.stderr[-2000:]}")
-        sides[name] = json.loads((root / f"{name}.json").read_text())
-    first = variants[0]
-    cells = []
-    for k, ref in enumerate(sides["reference"]["cells"]):
-        ours = sides[first]["cells"][k]
-        ratio = ours["requests_per_s"] / ref["requests_per_s"]
-        cells.append({"max_tokens": ref["max_tokens"], "batch": ref["batch"], "reference": ref, "splitvlm": ours,
-                      "ratio": ratio, "goal": goal(ratio, GOAL)})
-    exact_ids = sides["exact"]["probe"]["token_ids"] if "exact" in sides else None
-    ablation = {name: {"ratios": [round(c["requests_per_s"] / r["requests_per_s"], 3)
-                                  for c, r in zip(sides[name]["cells"], sides["reference"]["cells"], strict=True)],
-                       "probe_batch_invariant": f"{sides[name]['probe']['batch_invariant']}/{len(plan['probe'])}",
-                       "probe_same_as_exact": None if exact_ids is None else
-                       f"{sum(a == b for a, b in zip(sides[name]['probe']['token_ids'], exact_ids))}/{len(exact_ids)}"}
-                for name in variants}
-    report = {"benchmark": "bench_vs_vllm", "commit": args.commit, "command": command("benchmarks.bench_vs_vllm", argv),
-              "smoke": args.smoke, "environment": environment(), "encode_s": plan["encode_s"],
-              "engines": {name: {k: s[k] for k in ("engine_start_s", "engine")} for name, s in sides.items()},
-              "cells": cells, "goal_met": all(c["goal"]["met"] for c in cells),
-              "cell_order": [[c["max_tokens"], c["batch"]] for c in cells], "ablation": ablation}
-    path = write_report(report, args.out)
-    for c in cells:
+            if name == "reference":
+                raise SystemExit(f"{name} side failed ({done.returncode}): {done.stderr[-2000:]}")
+            failed[name] = f"exit {done.returncode}: {done.stderr[-1500:]}"  # the other sides still run
+            print(f"{name} side failed ({done.returncode})", flush=True)
+        else:
+            sides[name] = json.loads((root / f"{name}.json").read_text())
+            print(f"{name} side done", flush=True)
+        report = summarize(args, argv, plan, sides, failed)
+        path = write_report(report, args.out)  # after every side: a run cut short keeps what it measured
+    for c in report["cells"]:
         print(f"{c['max_tokens']:>4} tokens  batch {c['batch']:>4}: reference {c['reference']['requests_per_s']:8.2f} "
-              f"req/s  splitvlm {first} {c['splitvlm']['requests_per_s']:8.2f} req/s  ratio {c['ratio']:.2f}")
-    for name, row in ablation.items():
+              f"req/s  splitvlm {c['splitvlm']['requests_per_s']:8.2f} req/s  ratio {c['ratio']:.2f}")
+    for name, row in report["ablation"].items():
         print(f"{name}: ratios {row['ratios']}, probe batch-invariant {row['probe_batch_invariant']}, "
               f"same as exact {row['probe_same_as_exact']}")
     print(f"wrote {path}")

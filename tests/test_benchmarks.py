@@ -114,3 +114,21 @@ def test_bench_vs_vllm_variants_are_real_settings():
     with pytest.raises(SystemExit):
         module.parse_args(["--model", "m", "--variants", "exact,turbo"])
     assert module.parse_args(["--model", "m", "--variants", "exact,fast"]).variants == "exact,fast"
+
+
+def test_bench_vs_vllm_rounds_and_partial_report():
+    """--rounds caps a cell at rounds x batch jobs; a failed variant is recorded and the others are still reported."""
+    module = bench("bench_vs_vllm")
+    args = module.parse_args(["--model", "m", "--variants", "exact,fast", "--rounds", "2", "--batches", "2,8",
+                              "--max-tokens", "4", "--jobs", "8"])
+    cell = {"max_tokens": 4, "batch": 2, "jobs": 4, "requests_per_s": 2.0}
+    probe = {"token_ids": [[1, 2], [3]], "batch_invariant": 2}
+    sides = {"reference": {"engine_start_s": 1.0, "engine": {}, "cells": [cell], "probe": probe},
+             "exact": {"engine_start_s": 1.0, "engine": {}, "cells": [{**cell, "requests_per_s": 1.0}], "probe": probe}}
+    plan = {"encode_s": 0.0, "probe": ["a", "b"]}
+    report = module.summarize(args, [], plan, sides, {"fast": "exit 1: boom"})
+    assert report["cells"][0]["ratio"] == 0.5 and not report["goal_met"]
+    assert not report["complete"] and report["failed_sides"] == {"fast": "exit 1: boom"}
+    assert report["ablation"]["exact"]["probe_same_as_exact"] == "2/2" and "fast" not in report["ablation"]
+    assert [module.cell_jobs(args, b) for b in (2, 8)] == [4, 8]
+    assert module.cell_jobs(module.parse_args(["--model", "m", "--jobs", "8"]), 2) == 8
