@@ -46,6 +46,18 @@ def register(kernels: bool = True) -> None:
         register_models()
         _done.add("models")
     settings = settings_from(os.environ.get(VARIABLE))
+    if kernels and settings.profile == "exact" and "isa" not in _done:
+        import torch
+
+        from splitvlm.core.profiles import EXACT_CPU_ISA
+
+        if not torch.cuda.is_available():  # before vLLM builds the model: oneDNN has not run here yet
+            os.environ.setdefault(*EXACT_CPU_ISA)
+            # Capped, oneDNN no longer asks Linux for AMX tile state, but vLLM's CPU attention runs AMX
+            # tiles itself when the CPU has them (SIGILL without the permission): ask for it here.
+            if torch.cpu._is_amx_tile_supported():
+                torch.cpu._init_amx()
+        _done.add("isa")
     if kernels and settings.invariant_matmul and "matmul" not in _done:
         from splitvlm.core.invariance import enable_invariant_matmul
 

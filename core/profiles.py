@@ -7,6 +7,14 @@ from dataclasses import dataclass
 
 from splitvlm.core.errors import SplitVLMError
 
+# The exact profile's oneDNN ISA on the CPU. Whether oneDNN may use AMX is decided per process: the kernel
+# grants AMX tile state only if no live thread has a sigaltstack too small for AMX's larger signal frame
+# when oneDNN first asks, and oneDNN silently falls back to AVX-512 BF16 when refused. The two paths
+# round differently (seen: one image of the Ray test corpus, 1 run in ~6), so the exact profile caps every
+# process at AVX-512 BF16: the same bytes with or without AMX. oneDNN (torch's copy and vLLM's) reads the
+# cap once, at its first primitive in the process: set it before any bf16/f32 matmul runs, not before import.
+EXACT_CPU_ISA = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -44,8 +52,11 @@ class Profile:
 
     def env(self, gpu: bool) -> dict[str, str]:
         """What vLLM's processes need in their environment: splitvlm's one variable, read by the
-        plugin (core.plugin) in every vLLM process, and vLLM's own batch-invariant switches."""
+        plugin (core.plugin) in every vLLM process, vLLM's own batch-invariant switches on a GPU and
+        oneDNN's ISA cap on the CPU (EXACT_CPU_ISA)."""
         env = {"SPLITVLM_PROFILE": self.settings().value()}
+        if self.exact and not gpu:
+            env[EXACT_CPU_ISA[0]] = EXACT_CPU_ISA[1]
         if self.exact and gpu:
             env.update({
                 "VLLM_BATCH_INVARIANT": "1",

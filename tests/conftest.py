@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The exact profile's oneDNN ISA cap (core.profiles.EXACT_CPU_ISA), set before this process runs any
+# matmul: oneDNN reads it once, and in-process engines must compute as the CLI's processes do.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 
 def pytest_collection_modifyitems(config, items):

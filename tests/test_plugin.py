@@ -37,6 +37,16 @@ def test_profile_env_holds_one_splitvlm_variable():
         assert [k for k in env if k.startswith("SPLITVLM_")] == ["SPLITVLM_PROFILE"]
 
 
+def test_exact_cpu_processes_cap_onednn_isa():
+    """oneDNN rounds differently with and without AMX, and a process can lose AMX silently: the exact
+    profile caps every CPU process at AVX-512 BF16 (tests/test_ray_encode.py shows a refused process)."""
+    from splitvlm.core.profiles import EXACT_CPU_ISA
+
+    assert get_profile("exact").env(gpu=False)[EXACT_CPU_ISA[0]] == EXACT_CPU_ISA[1]
+    assert EXACT_CPU_ISA[0] not in get_profile("exact").env(gpu=True)
+    assert EXACT_CPU_ISA[0] not in get_profile("fast").env(gpu=False)
+
+
 def test_exact_gpu_engines_pick_the_same_kernels_eager_or_compiled():
     """vLLM picks custom ops and RMSNorm's kernel by compilation mode; the exact profile pins both, so
     the eager encoder-only engine and the compiled decoder compute the tower alike (Qwen2.5-VL's
