@@ -61,9 +61,11 @@ def read_inputs(inputs: tuple[str, ...], image_column: str | None, id_column: st
 @click.option("--failures", type=click.Path(dir_okay=False), help="Write one JSON line {path, error} per failed input.")
 @click.option("--batch-patches", type=click.IntRange(min=1), default=default("batch_patches"), show_default=True, help="Vision tower budget per step, in patches.")
 @click.option("--loader-threads", type=click.IntRange(min=1), default=default("loader_threads"), show_default=True, help="Threads that read and preprocess images.")
-@click.option("--full-engine/--mm-encoder-only", default=False,
-              help="--full-engine starts vLLM with the language model and a KV cache too; the default, "
-                   "--mm-encoder-only (vLLM's name), starts the vision tower alone.")
+@click.option("--full-engine/--mm-encoder-only", default=None,
+              help="--full-engine starts vLLM with the language model and a KV cache too; --mm-encoder-only "
+                   "(vLLM's name) starts the vision tower alone. Default: the tower alone, except for "
+                   "Qwen2.5-VL under the exact profile on a GPU, whose eager tower-only engine gives other "
+                   "bits than the decoder's engine.")
 @click.option("--overwrite", is_flag=True, help="Recompute entries already in the store (default: skip them, so runs resume).")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--ray", "use_ray", is_flag=True,
@@ -106,7 +108,7 @@ def command(inputs, failures, batch_patches, loader_threads, full_engine, overwr
     sources = read_inputs(inputs, image_column, id_column, on_ray is not None)
     cfg = make_config(**kw).replace(failures=failures, batch_patches=batch_patches,
                                     loader_threads=loader_threads, overwrite=overwrite,
-                                    encoder_only=not full_engine)
+                                    encoder_only=None if full_engine is None else not full_engine)
     figures: dict = {}
     if on_ray is None:
         from splitvlm.encoder import Encoder

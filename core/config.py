@@ -29,7 +29,9 @@ class Config:
     enforce_eager: bool | None = None  # None: eager on the CPU, CUDA graphs on a GPU
     seed: int = 0
     loader_threads: int = 4
-    encoder_only: bool = True  # encode starts vLLM without the language model and its KV cache
+    # encode starts vLLM without the language model and its KV cache (True), with them (False), or
+    # None: encoder-only unless the family needs the full engine for exactness (core.engine.encoder_only_for)
+    encoder_only: bool | None = None
     failures: str | None = None
     overwrite: bool = False
     on_missing: str = "error"  # error | encode | skip

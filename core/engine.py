@@ -84,6 +84,18 @@ def separate_process(cfg: Config, gpu: bool, encoder_only: bool, model_access: b
     return gpu if choice == "auto" else choice == "separate"
 
 
+def encoder_only_for(cfg: Config) -> bool:
+    """Whether encode starts vLLM's encoder-only engine: cfg.encoder_only when given, else yes, except
+    under the exact profile on a GPU for a family whose tower needs the full engine to give the
+    decoder's bits (Family.exact_needs_full_engine: Qwen2.5-VL)."""
+    if cfg.encoder_only is not None:
+        return cfg.encoder_only
+    from splitvlm.core.families import family_of_model
+
+    needs_full = family_of_model(cfg.model).exact_needs_full_engine
+    return not (needs_full and get_profile(cfg.profile).exact and on_gpu())
+
+
 def prepare_process(profile_name: str) -> None:
     """Give this process the environment a full engine of this profile would (vLLM reads it once)."""
     _prepare_process(get_profile(profile_name), on_gpu())

@@ -48,6 +48,10 @@ class Family:
     split_class: str  # "module:Class", a subclass of vLLM's own model class
     out_width_field: str  # the vision_config field holding the merger's output width
     has_deepstack: bool = False  # the tower appends deepstack_visual_indexes levels (Qwen3-VL)
+    # Exact profile on a GPU: encode with the full engine, as the decoder runs the tower. vLLM 0.26's
+    # eager encoder-only engine computes Qwen2.5-VL's tower with other bits than its compiled full
+    # engine (H200, 15e1d86: 0/24 embeddings equal; with --full-engine 24/24 and verify 24/24).
+    exact_needs_full_engine: bool = False
 
     def model_class(self) -> type:
         """The split model class (imports vLLM)."""
@@ -90,6 +94,7 @@ QWEN2_5_VL = Family(
     split_arch="SplitVLMQwen2_5VL",
     split_class="splitvlm.core.model:SplitQwen2_5VL",
     out_width_field="out_hidden_size",
+    exact_needs_full_engine=True,
 )
 QWEN3_VL = Family(
     name="qwen3-vl",

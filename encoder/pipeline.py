@@ -155,11 +155,11 @@ class Encoder:
             if self._engine_error is not None:
                 raise self._engine_error
             if self._engine is None:
-                from splitvlm.core.engine import Engine
+                from splitvlm.core.engine import Engine, encoder_only_for
 
                 t0 = time.perf_counter()
                 try:
-                    self._engine = Engine(self.cfg, encoder_only=self.cfg.encoder_only)
+                    self._engine = Engine(self.cfg, encoder_only=encoder_only_for(self.cfg))
                     self.engine_start_s = time.perf_counter() - t0
                 except EngineStartError as exc:
                     self._engine_error = exc

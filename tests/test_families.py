@@ -227,3 +227,27 @@ def test_gpu_check_takes_an_arch():
     assert gpu_check.parse_args([]).out == "benchmarks/results/gpu_check.json"
     args = gpu_check.parse_args(["--arch", "qwen3-vl-2b"])
     assert args.arch == "qwen3-vl-2b" and args.out == "benchmarks/results/gpu_check_qwen3-vl-2b.json"
+
+
+def test_encode_engine_choice_per_family(tmp_path, monkeypatch):
+    """Qwen2.5-VL encodes with the full engine under the exact profile on a GPU (its eager tower-only
+    engine gave other bits on the H200); every other case keeps the tower-only engine unless told."""
+    import json
+
+    from splitvlm.core import engine as engine_module
+    from splitvlm.core.config import Config
+
+    models = {}
+    for name, arch in (("q2", "Qwen2VLForConditionalGeneration"), ("q25", "Qwen2_5_VLForConditionalGeneration"),
+                       ("q3", "Qwen3VLForConditionalGeneration")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        models[name] = str(tmp_path / name)
+    choice = engine_module.encoder_only_for
+    assert all(choice(Config(model=m)) for m in models.values())  # on the CPU: the tower alone
+    monkeypatch.setattr(engine_module, "on_gpu", lambda: True)
+    assert not choice(Config(model=models["q25"]))
+    assert choice(Config(model=models["q25"], profile="fast")) and choice(Config(model=models["q2"]))
+    assert choice(Config(model=models["q3"]))
+    assert choice(Config(model=models["q25"], encoder_only=True))  # --mm-encoder-only, as asked
+    assert not choice(Config(model=models["q2"], encoder_only=False))  # --full-engine
