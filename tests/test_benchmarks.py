@@ -132,3 +132,11 @@ def test_bench_vs_vllm_rounds_and_partial_report():
     assert report["ablation"]["exact"]["probe_same_as_exact"] == "2/2" and "fast" not in report["ablation"]
     assert [module.cell_jobs(args, b) for b in (2, 8)] == [4, 8]
     assert module.cell_jobs(module.parse_args(["--model", "m", "--jobs", "8"]), 2) == 8
+
+
+def test_bench_serve_encodes_under_the_profile_it_serves():
+    """Entries are keyed by profile: a fast serve over an exact store found none of them (H200, 15e1d86)."""
+    module = bench("bench_serve")
+    assert module.encode_profile(["--profile", "fast"]) == ["--profile", "fast"]
+    assert module.encode_profile(["--profile=fast", "--", "--api-server-count", "4"]) == ["--profile", "fast"]
+    assert module.encode_profile(["--", "--api-server-count", "4"]) == []
