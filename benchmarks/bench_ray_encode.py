@@ -88,6 +88,9 @@ def run_verify(args: argparse.Namespace, images: Path, store: Path) -> dict:
     if report.exists():
         figures = json.loads(report.read_text())
         out.update({k: figures.get(k) for k in ("ok", "identical", "total", "embeddings_identical", "embeddings_checked")})
+        # the first mismatches and the engine as vLLM reported it: at 15e1d86 the report stayed on the device
+        out["embedding_mismatches"] = figures.get("embedding_mismatches", [])[:5]
+        out["engine"] = figures.get("engine")
     else:
         out["stderr"] = done.stderr.strip()[-1500:]
     return out
