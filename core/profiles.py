@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 from splitvlm.core.errors import SplitVLMError
@@ -55,7 +56,7 @@ class Profile:
         plugin (core.plugin) in every vLLM process, vLLM's own batch-invariant switches on a GPU and
         oneDNN's ISA cap on the CPU (EXACT_CPU_ISA)."""
         env = {"SPLITVLM_PROFILE": self.settings().value()}
-        if self.exact and not gpu:
+        if self.exact and not gpu and platform.machine().lower() in ("x86_64", "amd64"):  # an x86 ISA name
             env[EXACT_CPU_ISA[0]] = EXACT_CPU_ISA[1]
         if self.exact and gpu:
             env.update({

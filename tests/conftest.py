@@ -7,12 +7,16 @@ import os
 import pytest
 import torch
 
+from splitvlm.core.profiles import get_profile
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The exact profile's oneDNN ISA cap (core.profiles.EXACT_CPU_ISA), set before this process runs any
 # matmul: oneDNN reads it once, and in-process engines must compute as the CLI's processes do.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+for _name, _value in get_profile("exact").env(gpu=False).items():
+    if _name.startswith("ONEDNN_"):  # importing torch runs no primitive: this is still in time
+        os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(config, items):
