@@ -1,6 +1,6 @@
 """Single-process `encode` vs `encode --ray` on one machine: images/s of each, and their stores compared entry for entry.
 
-    python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 32]
+    python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 32[,256...]]
         [--verify-jobs 256] [--dir DIR] [--commit SHA] [--out benchmarks/results/bench_ray_encode.json]
     python -m benchmarks.bench_ray_encode --model DIR --gpus 0 --workers 2 --smoke   # tiny model, CPU
 
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", required=True, help="Local Qwen2-VL checkpoint directory.")
     ap.add_argument("--gpus", type=int, required=True, help="encode --ray --gpus N (0: CPU workers).")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers with --gpus 0.")
-    ap.add_argument("--ray-batch", type=int, default=32, help="Inputs per call to a worker.")
+    ap.add_argument("--ray-batch", default="32",
+                    help="Inputs per call to a worker; several, comma-separated, run --ray once each (the first is 'ray').")
     ap.add_argument("--address", default=None, help="A Ray cluster to join (default: a local one).")
     ap.add_argument("--images", type=int, default=None, help="Corpus size (default 512; smoke 16).")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -49,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS / "bench_ray_encode.json"))
     args = ap.parse_args(argv)
     args.images = args.images or (16 if args.smoke else 512)
+    try:
+        args.ray_batches = [int(b) for b in args.ray_batch.split(",")]
+    except ValueError:
+        ap.error(f"--ray-batch: whole numbers, comma-separated, not {args.ray_batch!r}")
+    if any(b < 1 for b in args.ray_batches):
+        ap.error("--ray-batch: each at least 1")
     return args
 
 
@@ -119,6 +126,10 @@ def _bytes(tensor) -> bytes:
     return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _ratio(run: dict, single: dict, field: str) -> float | None:
+    return run[field] / single[field] if run.get(field) and single.get(field) else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from splitvlm.core.identity import environment
@@ -130,11 +141,20 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tempfile.mkdtemp(prefix="bench_ray_", dir=args.dir) if args.dir else tmp.name)
         write_images(root / "images", 0, args.images, sizes_for(args.smoke), seed=args.seed)
         single = run_encode(args, root / "images", root / "single", [])
-        ray_args = ["--ray", "--gpus", str(args.gpus), "--ray-batch", str(args.ray_batch)]
-        ray_args += ["--workers", str(args.workers)] if args.workers else []
-        ray_args += ["--address", args.address] if args.address else []
-        on_ray = run_encode(args, root / "images", root / "ray", ray_args)
-        stores = compare_stores(root / "single", root / "ray")
+        extra = ["--workers", str(args.workers)] if args.workers else []
+        extra += ["--address", args.address] if args.address else []
+        more = []  # the other --ray-batch values, each a run of its own into its own store
+        for k, batch in enumerate(args.ray_batches):
+            name = "ray" if k == 0 else f"ray_b{batch}"
+            run = run_encode(args, root / "images", root / name,
+                             ["--ray", "--gpus", str(args.gpus), "--ray-batch", str(batch), *extra])
+            run["ray_batch"], run["stores"] = batch, compare_stores(root / "single", root / name)
+            if k == 0:
+                on_ray = run
+            else:
+                run["ratio_after_start"] = _ratio(run, single, "images_per_s_after_start")
+                more.append(run)
+        stores = on_ray["stores"]
         verify = run_verify(args, root / "images", root / "ray") if args.verify_jobs else None
     finally:
         if tmp is not None:
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_wall": on_ray["images_per_s_wall"] / single["images_per_s_wall"] if single["images_per_s_wall"] else None,
         "ratio_after_start": on_ray["images_per_s_after_start"] / single["images_per_s_after_start"]
         if single["images_per_s_after_start"] and on_ray["images_per_s_after_start"] else None,
-        "verify": verify, "kept": str(root) if args.dir else None,
+        "verify": verify, "kept": str(root) if args.dir else None, "other_ray_batches": more,
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'equal' if stores['equal'] else 'DIFFER'} ({stores['entries']} entries); wrote {path}")
     if verify:
         print(f"verify of the --ray store: exit {verify['rc']}, identical {verify.get('identical')}/{verify.get('total')}")
-    if not stores["equal"] or (verify and verify["rc"] != 0):
+    for run in more:
+        print(f"--ray-batch {run['ray_batch']}: {run['images_per_s']:.2f} images/s, after start "
+              f"{run['images_per_s_after_start'] or 0:.2f} (ratio {run['ratio_after_start'] or 0:.2f}); stores "
+              f"{'equal' if run['stores']['equal'] else 'DIFFER'}")
+    if not all(r["stores"]["equal"] for r in [on_ray, *more]) or (verify and verify["rc"] != 0):
         sys.exit(1)
     return report
 

@@ -140,3 +140,13 @@ def test_bench_serve_encodes_under_the_profile_it_serves():
     assert module.encode_profile(["--profile", "fast"]) == ["--profile", "fast"]
     assert module.encode_profile(["--profile=fast", "--", "--api-server-count", "4"]) == ["--profile", "fast"]
     assert module.encode_profile(["--", "--api-server-count", "4"]) == []
+
+
+def test_bench_ray_encode_takes_several_ray_batches():
+    """--ray-batch 32,256 runs --ray once per value (the lever left to measure on two GPUs); bad values are refused."""
+    module = bench("bench_ray_encode")
+    assert module.parse_args(["--model", "m", "--gpus", "2", "--ray-batch", "32,256"]).ray_batches == [32, 256]
+    assert module.parse_args(["--model", "m", "--gpus", "0"]).ray_batches == [32]
+    for bad in ("32,x", "0"):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--model", "m", "--gpus", "2", "--ray-batch", bad])
