@@ -143,17 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
         single = run_encode(args, root / "images", root / "single", [])
         extra = ["--workers", str(args.workers)] if args.workers else []
         extra += ["--address", args.address] if args.address else []
-        more = []  # the other --ray-batch values, each a run of its own into its own store
-        for k, batch in enumerate(args.ray_batches):
-            name = "ray" if k == 0 else f"ray_b{batch}"
+        runs = []  # one per --ray-batch value, each into its own store; the first is "ray"
+        for batch in args.ray_batches:
+            name = f"ray_b{batch}" if runs else "ray"
             run = run_encode(args, root / "images", root / name,
                              ["--ray", "--gpus", str(args.gpus), "--ray-batch", str(batch), *extra])
-            run["ray_batch"], run["stores"] = batch, compare_stores(root / "single", root / name)
-            if k == 0:
-                on_ray = run
-            else:
-                run["ratio_after_start"] = _ratio(run, single, "images_per_s_after_start")
-                more.append(run)
+            run.update(ray_batch=batch, stores=compare_stores(root / "single", root / name),
+                       ratio_after_start=_ratio(run, single, "images_per_s_after_start"))
+            runs.append(run)
+        on_ray, more = runs[0], runs[1:]
         stores = on_ray["stores"]
         verify = run_verify(args, root / "images", root / "ray") if args.verify_jobs else None
     finally:
@@ -167,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "single": single, "ray": on_ray, "stores": stores,
         "ratio": on_ray["images_per_s"] / single["images_per_s"] if single["images_per_s"] else None,
         "ratio_wall": on_ray["images_per_s_wall"] / single["images_per_s_wall"] if single["images_per_s_wall"] else None,
-        "ratio_after_start": on_ray["images_per_s_after_start"] / single["images_per_s_after_start"]
-        if single["images_per_s_after_start"] and on_ray["images_per_s_after_start"] else None,
+        "ratio_after_start": on_ray["ratio_after_start"],
         "verify": verify, "kept": str(root) if args.dir else None, "other_ray_batches": more,
     }
     path = Path(args.out)
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"--ray-batch {run['ray_batch']}: {run['images_per_s']:.2f} images/s, after start "
               f"{run['images_per_s_after_start'] or 0:.2f} (ratio {run['ratio_after_start'] or 0:.2f}); stores "
               f"{'equal' if run['stores']['equal'] else 'DIFFER'}")
-    if not all(r["stores"]["equal"] for r in [on_ray, *more]) or (verify and verify["rc"] != 0):
+    if not all(r["stores"]["equal"] for r in runs) or (verify and verify["rc"] != 0):
         sys.exit(1)
     return report
 

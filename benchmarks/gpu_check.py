@@ -158,8 +158,10 @@ def encode_steps(c: Check, common: list[str], corpus) -> None:
             wall_s=encode_s, first_stored_s=first, engine_start_s=stats.get("engine_start_s"),
             images_per_s=stats.get("images_per_s"), limits=[ENCODE_LIMIT_S, FIRST_ENTRY_LIMIT_S])
     engine = stats.get("engine", {})
-    # the tower alone, eager; Qwen2.5-VL: the full engine, as the decoder runs it (Family.exact_needs_full_engine)
-    tower_only = c.args.arch != "qwen2.5-vl-3b"
+    # the tower alone, eager; a family whose tower needs it (Qwen2.5-VL): the full engine, as the decoder runs it
+    from splitvlm.core.families import family_of_model
+
+    tower_only = not family_of_model(w / "model").exact_needs_full_engine
     c.check("encode_engine", bool(engine.get("mm_encoder_only")) is tower_only
             and (engine.get("enforce_eager") is True or not tower_only), tower_only=tower_only, engine=engine)
     rc = c.run("store_check", ["store", "check", "--store", str(w / "store")])

@@ -49,14 +49,15 @@ def register(kernels: bool = True) -> None:
     if kernels and settings.profile == "exact" and "isa" not in _done:
         import torch
 
-        from splitvlm.core.profiles import EXACT_CPU_ISA, get_profile
+        from splitvlm.core.profiles import exact_cpu_isa
 
-        if not torch.cuda.is_available() and EXACT_CPU_ISA[0] in get_profile("exact").env(gpu=False):
-            os.environ.setdefault(*EXACT_CPU_ISA)  # before vLLM builds the model: oneDNN has not run here yet
-            # Capped, oneDNN no longer asks Linux for AMX tile state, but vLLM's CPU attention runs AMX
-            # tiles itself when the CPU has them (SIGILL without the permission): ask for it here.
-            if torch.cpu._is_amx_tile_supported():
-                torch.cpu._init_amx()
+        cap = {} if torch.cuda.is_available() else exact_cpu_isa()
+        for name, value in cap.items():  # before vLLM builds the model: oneDNN has not run here yet
+            os.environ.setdefault(name, value)
+        # Capped, oneDNN no longer asks Linux for AMX tile state, but vLLM's CPU attention runs AMX
+        # tiles itself when the CPU has them (SIGILL without the permission): ask for it here.
+        if cap and torch.cpu._is_amx_tile_supported():
+            torch.cpu._init_amx()
         _done.add("isa")
     if kernels and settings.invariant_matmul and "matmul" not in _done:
         from splitvlm.core.invariance import enable_invariant_matmul

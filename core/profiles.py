@@ -17,6 +17,11 @@ from splitvlm.core.errors import SplitVLMError
 EXACT_CPU_ISA = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 
+def exact_cpu_isa() -> dict[str, str]:
+    """The exact profile's oneDNN cap on this CPU: EXACT_CPU_ISA on x86 (its value is an x86 ISA name), else none."""
+    return dict([EXACT_CPU_ISA]) if platform.machine().lower() in ("x86_64", "amd64") else {}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -56,8 +61,8 @@ class Profile:
         plugin (core.plugin) in every vLLM process, vLLM's own batch-invariant switches on a GPU and
         oneDNN's ISA cap on the CPU (EXACT_CPU_ISA)."""
         env = {"SPLITVLM_PROFILE": self.settings().value()}
-        if self.exact and not gpu and platform.machine().lower() in ("x86_64", "amd64"):  # an x86 ISA name
-            env[EXACT_CPU_ISA[0]] = EXACT_CPU_ISA[1]
+        if self.exact and not gpu:
+            env.update(exact_cpu_isa())
         if self.exact and gpu:
             env.update({
                 "VLLM_BATCH_INVARIANT": "1",

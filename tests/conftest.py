@@ -7,16 +7,15 @@ import os
 import pytest
 import torch
 
-from splitvlm.core.profiles import get_profile
+from splitvlm.core.profiles import exact_cpu_isa
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The exact profile's oneDNN ISA cap (core.profiles.EXACT_CPU_ISA), set before this process runs any
 # matmul: oneDNN reads it once, and in-process engines must compute as the CLI's processes do.
-for _name, _value in get_profile("exact").env(gpu=False).items():
-    if _name.startswith("ONEDNN_"):  # importing torch runs no primitive: this is still in time
-        os.environ.setdefault(_name, _value)
+for _name, _value in exact_cpu_isa().items():  # importing torch runs no primitive: this is still in time
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(config, items):
