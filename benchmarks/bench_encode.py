@@ -3,6 +3,11 @@
     python -m benchmarks.bench_encode --model DIR [--profile exact|fast] [--images 64,512]
         [--per-size 32] [--batch-patches 16384] [--out benchmarks/results/bench_encode.json]
     python -m benchmarks.bench_encode --model DIR --smoke     # tiny sizes for the CPU
+    python -m benchmarks.bench_encode --model DIR --vs-default [--commit SHA]   # issue #16
+
+--vs-default runs the benchmark twice, each in its own process, one right after the other:
+first under the fast profile (vLLM's default tower: its attention backend, its kernels), then
+under the exact profile; one report holds both sides and exact/fast ratios per mix and size.
 
 Each mix of synthetic images (sizes 224-800 px) goes through the real Encoder into a fresh
 store in a temporary folder (reading, preprocessing, vision tower and store writes all timed),
@@ -14,7 +19,10 @@ estimated from the model's vision config; the bf16 matmul peak is measured in th
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -25,15 +33,18 @@ import torch
 from benchmarks.common import (
     RESULTS,
     VisionShape,
+    command,
     encode_batches,
     goal,
     measure_peak,
+    now,
     publish,
     report_header,
     size_label,
     sizes_for,
     start_engine,
     write_images,
+    write_report,
 )
 from splitvlm.core.config import Config
 from splitvlm.core.sources import load_image
@@ -56,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=7, help="Seed of the synthetic images.")
     ap.add_argument("--dir", default=None, help="Where the temporary images and stores go.")
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
+    ap.add_argument("--vs-default", action="store_true",
+                    help="Run fast (vLLM's default tower) then exact, each in its own process; one report with ratios.")
+    ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
     ap.add_argument("--out", default=str(RESULTS / "bench_encode.json"))
     args = ap.parse_args(argv)
     args.images = args.images or ("8,16" if args.smoke else "64,512")
@@ -162,8 +176,49 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def vs_default(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """fast then exact, each in a fresh process on the same machine; ratios exact / fast (goal >= 0.90)."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    passed = [a for a in raw if a != "--vs-default"]
+    sides, failed = {}, {}
+    root = Path(tempfile.mkdtemp(prefix="bench_encode_vs_", dir=args.dir))
+    for profile in ("fast", "exact"):
+        out = root / f"{profile}.json"
+        cmd = [sys.executable, "-m", "benchmarks.bench_encode", *passed, "--profile", profile, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            failed[profile] = f"exit {done.returncode}: {done.stderr[-1500:]}"
+            print(f"{profile} side failed ({done.returncode})", flush=True)
+        else:
+            sides[profile] = json.loads(out.read_text())
+            print(f"{profile} side done", flush=True)
+    report = {"benchmark": "bench_encode_vs_default", "date": now(), "commit": args.commit,
+              "command": command("benchmarks.bench_encode", argv), "sides": sides, "failed_sides": failed,
+              "ratios": side_ratios(sides) if len(sides) == 2 else None}
+    shutil.rmtree(root, ignore_errors=True)
+    path = write_report(report, args.out)
+    for name, ratio in (report["ratios"] or {}).items():
+        print(f"exact/fast {name}: {ratio:.3f}")
+    print(f"wrote {path}")
+    return report
+
+
+def side_ratios(sides: dict) -> dict[str, float]:
+    """exact / fast images per second: the encoder and the tower alone per mix, the tower per image size."""
+    fast, exact = sides["fast"], sides["exact"]
+    ratios = {}
+    for n, m in exact["mixes"].items():
+        for part in ("encoder", "tower"):
+            ratios[f"mix{n}_{part}"] = round(m[part]["images_per_s"] / fast["mixes"][n][part]["images_per_s"], 4)
+    for e, f in zip(exact["per_size"], fast["per_size"]):
+        ratios[f"size_{e['size']}_tower"] = round(e["images_per_s"] / f["images_per_s"], 4)
+    return ratios
+
+
 def main(argv: list[str] | None = None, engine=None) -> dict:
     args = parse_args(argv)
+    if args.vs_default:
+        return vs_default(args, argv)
     peak = start_s = None
     if engine is None:
         peak = {**measure_peak(args.peak_n), "when": "before engine start"}

@@ -98,7 +98,7 @@ def run_verify(args: argparse.Namespace, images: Path, store: Path) -> dict:
         # the first mismatches and the engine as vLLM reported it: at 15e1d86 the report stayed on the device
         out["embedding_mismatches"] = figures.get("embedding_mismatches", [])[:5]
         out["engine"] = figures.get("engine")
-    else:
+    if done.returncode != 0:
         out["stderr"] = done.stderr.strip()[-1500:]
     return out
 
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         on_ray, more = runs[0], runs[1:]
         stores = on_ray["stores"]
         verify = run_verify(args, root / "images", root / "ray") if args.verify_jobs else None
+        if verify and verify["rc"] != 0:  # the store or this machine? the single store, verified the same way
+            verify["single_store"] = run_verify(args, root / "images", root / "single")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -175,7 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"({report['workers']} workers): ratio {report['ratio']:.2f}; stores "
           f"{'equal' if stores['equal'] else 'DIFFER'} ({stores['entries']} entries); wrote {path}")
     if verify:
-        print(f"verify of the --ray store: exit {verify['rc']}, identical {verify.get('identical')}/{verify.get('total')}")
+        print(f"verify of the --ray store: exit {verify['rc']}, identical {verify.get('identical')}/{verify.get('total')}, "
+              f"embeddings {verify.get('embeddings_identical')}/{verify.get('embeddings_checked')}")
+        if "single_store" in verify:
+            again = verify["single_store"]
+            print(f"verify of the single store: exit {again['rc']}, identical {again.get('identical')}/"
+                  f"{again.get('total')}, embeddings {again.get('embeddings_identical')}/{again.get('embeddings_checked')}")
     for run in more:
         print(f"--ray-batch {run['ray_batch']}: {run['images_per_s']:.2f} images/s, after start "
               f"{run['images_per_s_after_start'] or 0:.2f} (ratio {run['ratio_after_start'] or 0:.2f}); stores "

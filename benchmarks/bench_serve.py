@@ -80,6 +80,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_port(argv: list[str], port: int) -> list[str]:
+    """argv with --port before any `--` (what follows it goes to vLLM's server unchanged)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return [*argv[:cut], "--port", str(port), *argv[cut:]]
+
+
 class Server:
     """A server process on a free loopback port, its output in a log file; stopped on exit."""
 
@@ -87,7 +93,7 @@ class Server:
         self.name, self.port, self.log = name, free_port(), folder / f"{name}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(with_port(argv, self.port), stdout=log, stderr=subprocess.STDOUT)
         t0, deadline = time.perf_counter(), time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -150,3 +150,23 @@ def test_bench_ray_encode_takes_several_ray_batches():
     for bad in ("32,x", "0"):
         with pytest.raises(SystemExit):
             module.parse_args(["--model", "m", "--gpus", "2", "--ray-batch", bad])
+
+
+def test_encode_vs_default_ratios(results):
+    """--vs-default's ratios: exact / fast images per second per mix (encoder, tower) and per image size."""
+    exact = read(results, "bench_encode")
+    fast = json.loads(json.dumps(exact))
+    for mix in fast["mixes"].values():
+        mix["encoder"]["images_per_s"] *= 2
+    ratios = bench("bench_encode").side_ratios({"fast": fast, "exact": exact})
+    assert ratios["mix8_encoder"] == ratios["mix16_encoder"] == 0.5
+    assert ratios["mix8_tower"] == 1.0 and ratios["size_64x64_tower"] == 1.0
+    assert len(ratios) == 4 + len(exact["per_size"])
+
+
+def test_bench_serve_puts_the_port_before_vllms_options():
+    """Options after `--` go to vLLM's server unchanged: the benchmark's --port must stay splitvlm's."""
+    module = bench("bench_serve")
+    assert module.with_port(["splitvlm", "serve"], 8) == ["splitvlm", "serve", "--port", "8"]
+    assert module.with_port(["serve", "--", "--api-server-count", "4"], 8) == \
+        ["serve", "--port", "8", "--", "--api-server-count", "4"]
