@@ -89,3 +89,24 @@ def test_cli_exit_status_on_altered_store(tiny_model, seed_jobs, tmp_path):
                    "--max-tokens", "8", "--max-model-len", "2048", "--no-progress")
     assert out.returncode == 4  # a mismatch found
     assert "0-0" in out.stdout and "embeddings identical 0/1" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_embedding_check_has_the_model_whatever_on_missing_says(tiny_model, engine, seed_jobs, tmp_path):
+    """--on-missing error leaves the decoder free to put vLLM's engine core in its own process (what "auto"
+    does on a GPU), but verify's embedding check runs the tower in its engine: before the fix every
+    embedding came back as an error (0/256 on the H200 at 8630383)."""
+    paths, jobs = seed_jobs
+    cfg = config(tiny_model, tmp_path / "store", max_tokens=8)
+    Encoder(cfg, engine=engine).encode(paths)
+    code = (f"import json; from helpers import config; from splitvlm.decoder import read_jobs; "
+            f"from splitvlm.verify import verify; "
+            f"cfg = config({tiny_model!r}, {cfg.store!r}, max_tokens=8, on_missing='error', engine_process='separate'); "
+            f"r = verify(cfg, read_jobs({jobs!r})[:3]); "
+            f"print(json.dumps([r.identical, r.total, r.embeddings_identical, r.embeddings_checked, "
+            f"r.engine.get('multiprocessing')]))")
+    tests = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [3, 3, 1, 1, "0"]

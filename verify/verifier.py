@@ -105,7 +105,10 @@ class Verifier:
     def __init__(self, cfg: Config, engine=None, encode_missing: Callable[[list[str]], Encoded] | None = None):
         """encode_missing: as Decoder takes it, for on_missing="encode"."""
         self.cfg = cfg
-        self.decoder = Decoder(cfg, engine=engine, encode_missing=encode_missing)
+        # the embedding check runs the tower in this engine: its model must be here, whatever --on-missing
+        # says (on the GPU at 15e1d86 and 8630383, `verify --on-missing error` put the engine core in its
+        # own process and every embedding came back as an error: 0/256)
+        self.decoder = Decoder(cfg, engine=engine, encode_missing=encode_missing, model_access=True)
 
     @property
     def engine(self):
