@@ -1,6 +1,6 @@
 """Single-process `encode` vs `encode --ray` on one machine: images/s of each, and their stores compared entry for entry.
 
-    python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 32[,256...]]
+    python -m benchmarks.bench_ray_encode --model DIR --gpus 2 [--images 512] [--ray-batch 256[,1024...]]
         [--verify-jobs 256] [--dir DIR] [--commit SHA] [--out benchmarks/results/bench_ray_encode.json]
     python -m benchmarks.bench_ray_encode --model DIR --gpus 0 --workers 2 --smoke   # tiny model, CPU
 
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, command, now, sizes_for, write_images
+from splitvlm.encoder.ray_pipeline import RayOptions
 
 ALLOWED_META = {"created", "meta_checksum"}  # set at write time by the store; see docs/store-format.md
 
@@ -36,8 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", required=True, help="Local Qwen2-VL checkpoint directory.")
     ap.add_argument("--gpus", type=int, required=True, help="encode --ray --gpus N (0: CPU workers).")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers with --gpus 0.")
-    ap.add_argument("--ray-batch", default="32",
-                    help="Inputs per call to a worker; several, comma-separated, run --ray once each (the first is 'ray').")
+    ap.add_argument("--ray-batch", default=None,
+                    help="Inputs per call to a worker; several, comma-separated, run --ray once each (the first is "
+                         "'ray'). Default: encode's (256 with --gpus N, 32 with --gpus 0).")
     ap.add_argument("--address", default=None, help="A Ray cluster to join (default: a local one).")
     ap.add_argument("--images", type=int, default=None, help="Corpus size (default 512; smoke 16).")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.images = args.images or (16 if args.smoke else 512)
     try:
-        args.ray_batches = [int(b) for b in args.ray_batch.split(",")]
+        args.ray_batches = [int(b) for b in (args.ray_batch or str(RayOptions.default_batch(args.gpus))).split(",")]
     except ValueError:
         ap.error(f"--ray-batch: whole numbers, comma-separated, not {args.ray_batch!r}")
     if any(b < 1 for b in args.ray_batches):

@@ -35,7 +35,7 @@ def ray_options(use_ray: bool, address: str | None, gpus: int | None, workers: i
         raise click.UsageError("--overwrite does not go with --ray: shards are merged into the store, never over it")
     if address is not None and not address.strip():
         raise click.BadParameter("empty address", param_hint="--address")
-    return RayOptions(gpus=gpus, workers=workers, address=address, batch_images=ray_batch or RayOptions.batch_images)
+    return RayOptions(gpus=gpus, workers=workers, address=address, batch_images=ray_batch or RayOptions.default_batch(gpus))
 
 
 def read_inputs(inputs: tuple[str, ...], image_column: str | None, id_column: str | None, on_ray: bool) -> Inputs:
@@ -77,7 +77,7 @@ def read_inputs(inputs: tuple[str, ...], image_column: str | None, id_column: st
               help="With --ray (required): N workers, one per GPU (num_gpus=1 each); 0: CPU workers (--workers).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray --gpus 0: how many CPU workers, each its own vLLM engine [default: 1].")
-@click.option("--ray-batch", type=click.IntRange(min=1), default=None, help="With --ray: inputs per keying task and per call to a worker [default: 32].")
+@click.option("--ray-batch", type=click.IntRange(min=1), default=None, help="With --ray: inputs per keying task and per call to a worker [default: 256 with --gpus N, 32 with --gpus 0].")
 @click.option("--image-column", default=None,
               help="Parquet and datasets inputs: the column of image bytes (binary, or a struct with a bytes field "
                    "as datasets writes images) [default: image].")

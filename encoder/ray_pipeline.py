@@ -42,9 +42,16 @@ class RayOptions:
     gpus: int = 0  # one worker per GPU (num_gpus=1 each); 0: CPU workers
     workers: int | None = None  # CPU workers when gpus == 0 (default 1)
     address: str | None = None  # a Ray cluster to join; None: start a local one (or use the one this process has)
-    batch_images: int = 32  # inputs per keying task and per call to a worker
+    batch_images: int = 32  # inputs per keying task and per call to a worker (see default_batch)
     local_cpus: int | None = None  # logical CPUs of a local cluster started here (None: Ray counts them)
     leftover_wait_s: float = 60.0  # how long to wait for a killed run's worker to let go of its shard
+
+    @staticmethod
+    def default_batch(gpus: int) -> int:
+        """Inputs per worker call: 256 for a GPU worker (each call runs the Encoder's load -> tower -> write
+        from empty; on two H200s at 8630383, 256 gave 138.9 images/s after start against 98.9 for 32),
+        32 for CPU workers, whose tower is slow enough that small calls keep the progress moving."""
+        return 256 if gpus else 32
 
     @property
     def pool(self) -> int:

@@ -147,6 +147,7 @@ def test_bench_ray_encode_takes_several_ray_batches():
     module = bench("bench_ray_encode")
     assert module.parse_args(["--model", "m", "--gpus", "2", "--ray-batch", "32,256"]).ray_batches == [32, 256]
     assert module.parse_args(["--model", "m", "--gpus", "0"]).ray_batches == [32]
+    assert module.parse_args(["--model", "m", "--gpus", "2"]).ray_batches == [256]  # encode's own default
     for bad in ("32,x", "0"):
         with pytest.raises(SystemExit):
             module.parse_args(["--model", "m", "--gpus", "2", "--ray-batch", bad])

@@ -280,3 +280,13 @@ def test_leftover_shards_merged_and_removed(tmp_path):
     finally:
         held.kill()
         held.wait()
+
+
+def test_ray_batch_default_follows_the_workers():
+    """256 inputs per GPU worker call (each call fills the tower from empty), 32 per CPU worker call;
+    --ray-batch wins over both."""
+    from splitvlm.cli.encode_cmd import ray_options
+
+    assert ray_options(True, None, 2, None, None, False).batch_images == 256
+    assert ray_options(True, None, 0, 2, None, False).batch_images == 32
+    assert ray_options(True, None, 2, None, 64, False).batch_images == 64
