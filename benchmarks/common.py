@@ -181,6 +181,7 @@ def report_header(name: str, engine, args) -> dict:
         "torch": env["torch"],
         "environment": env,
         "model": engine.cfg.model,
+        "engine": engine.reported(),  # the settings as vLLM resolved them (attention backends, compilation)
         "args": {k: v for k, v in vars(args).items() if k != "out"},
     }
 

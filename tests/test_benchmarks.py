@@ -32,7 +32,7 @@ def read(results: Path, name: str) -> dict:
     return json.loads((results / f"{name}.json").read_text())
 
 
-HEADER = {"benchmark", "date", "command", "device", "vllm", "torch", "profile", "environment", "smoke", "goals"}
+HEADER = {"benchmark", "date", "command", "device", "vllm", "torch", "profile", "environment", "smoke", "goals", "engine"}
 
 
 def test_encode_report(results):
