@@ -145,6 +145,7 @@ class Encoder:
         self._engine = engine
         self._engine_error: EngineStartError | None = None
         self.engine_start_s: float | None = None
+        self.engine_ready_at: float | None = None  # time.time() when the engine was up (Ray's timeline)
         self._engine_lock = threading.Lock()
         self.pixels = PixelBudget(pixel_budget)  # bounds the loader threads' decoded images
 
@@ -161,6 +162,7 @@ class Encoder:
                 try:
                     self._engine = Engine(self.cfg, encoder_only=encoder_only_for(self.cfg))
                     self.engine_start_s = time.perf_counter() - t0
+                    self.engine_ready_at = time.time()
                 except EngineStartError as exc:
                     self._engine_error = exc
                     raise

@@ -55,12 +55,13 @@ def encode_with_ray(cfg: Config, opts: RayOptions, inputs: Iterable[str]) -> tup
     ray = import_ray()
     if cfg.lock:
         check_lock(cfg.lock)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     paths = expand_inputs(inputs)
     stats = Stats(inputs=len(paths))
     store = os.path.realpath(cfg.store or "")
     cfg = cfg.replace(store=store)
-    EmbeddingStore(store).close()  # made when missing, as encode does; the keying tasks read it
+    with EmbeddingStore(store) as target:  # made when missing, as encode does; the keying tasks read it
+        eager = len(target) < len(paths)  # something may be new: workers start their engines at once
     keys = KeyMaker(cfg)
     root, run_id = shard_root(store), new_run_id()
     info: dict[str, Any] = {"run_id": run_id, "address": opts.address, "gpus": opts.gpus, "workers": opts.pool,
@@ -72,8 +73,10 @@ def encode_with_ray(cfg: Config, opts: RayOptions, inputs: Iterable[str]) -> tup
         info["earlier_shards"] = {"merged": earlier.shards, "copied": earlier.copied, "identical": earlier.identical}
         progress = Progress(len(paths), opts.pool, cfg.show_progress)
         joined = start_ray(ray, opts)
+        timeline = {"ray_started_at": time.time()}
         try:
-            failures = consume(pipeline(ray, cfg, opts, keys, paths, (root, run_id)), stats, progress, started)
+            failures = consume(pipeline(ray, cfg, opts, keys, paths, (root, run_id), eager), stats, progress,
+                               started, timeline)
         except BaseException as exc:
             if joined:
                 ray.shutdown()  # this run's workers end with it; keep what they committed (after Ctrl-C: the next run)
@@ -87,6 +90,9 @@ def encode_with_ray(cfg: Config, opts: RayOptions, inputs: Iterable[str]) -> tup
         progress.close()
         own = merge_shards(shards_in(root, run_id), store, _report)
     info["shards_merged"] = {"merged": own.shards, "copied": own.copied, "identical": own.identical}
+    info["eager_engines"] = eager
+    # seconds from the start of the run: where the time before the first stored entry went
+    info["timeline_s"] = {name.removesuffix("_at"): round(at - started_at, 3) for name, at in timeline.items()}
     stats.failures = [f for _, f in sorted(failures, key=lambda x: x[0])]
     stats.seconds = time.perf_counter() - started
     if cfg.failures:

@@ -137,8 +137,10 @@ def _no_restarts(ray: Any) -> dict[str, int]:
     return {"max_restarts": 0} if any(p.kind is p.VAR_KEYWORD for p in params) else {}
 
 
-def pipeline(ray: Any, cfg: Config, opts: RayOptions, keys: KeyMaker, paths: list[str], run: tuple[str, str]) -> Iterator:
-    """paths -> keying tasks -> pool of EncodeWorker actors; batches of result rows as they finish."""
+def pipeline(ray: Any, cfg: Config, opts: RayOptions, keys: KeyMaker, paths: list[str], run: tuple[str, str],
+             eager: bool = True) -> Iterator:
+    """paths -> keying tasks -> pool of EncodeWorker actors; batches of result rows as they finish.
+    eager: each worker starts its engine as it comes up, while the first inputs are keyed."""
     root, run_id = run
     ray.data.DataContext.get_current().enable_progress_bars = False
     claims = ray.remote(num_cpus=0)(Claims).remote()
@@ -152,15 +154,22 @@ def pipeline(ray: Any, cfg: Config, opts: RayOptions, keys: KeyMaker, paths: lis
         ds = ds.map_batches(EncodeWorker, batch_size=opts.batch_images, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=opts.pool),
                             fn_constructor_kwargs={"cfg": cfg, "root": root, "run_id": run_id, "claims": claims,
-                                                   "cpu": not opts.gpus},
+                                                   "cpu": not opts.gpus, "eager": eager},
                             **_worker_resources(ray, opts, cfg.loader_threads), **_no_restarts(ray))
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def consume(batches: Iterable[dict], stats: Stats, progress: Progress, started: float) -> list[tuple[int, dict]]:
-    """Count each row's outcome into stats (figures summed over workers); the failures with their input index."""
+def consume(batches: Iterable[dict], stats: Stats, progress: Progress, started: float,
+            timeline: dict[str, float] | None = None) -> list[tuple[int, dict]]:
+    """Count each row's outcome into stats (figures summed over workers); the failures with their input index.
+    timeline gets the first worker's start and the last engine's readiness (time.time()) as workers report them."""
     failures: list[tuple[int, dict]] = []
+    timeline = {} if timeline is None else timeline
     for batch in batches:
+        for name, pick in (("worker_up_at", min), ("engine_ready_at", max)):
+            values = [float(v) for v in batch.get(name, []) if not math.isnan(v)]
+            if values:
+                timeline[name] = pick(values + ([timeline[name]] if name in timeline else []))
         encoded = 0
         for index, path, status, error in zip(batch["index"], batch["path"], batch["status"], batch["error"]):
             if status == FAILED:

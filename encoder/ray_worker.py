@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,9 @@ from splitvlm.store.key import image_digest
 
 NEW, STORED, DUPLICATE, FAILED, ENCODED = "new", "stored", "duplicate", "failed", "encoded"
 STOPPED = "stopped"  # the worker could not go on (vLLM did not start, the shard cannot be written): error says why
-FIGURES = {"tower_s": np.float64, "store_s": np.float64, "patches": np.int64, "engine_start_s": np.float64}
+FIGURES = {"tower_s": np.float64, "store_s": np.float64, "patches": np.int64, "engine_start_s": np.float64,
+           "worker_up_at": np.float64, "engine_ready_at": np.float64}  # the last two: time.time(), once per worker
+UNSET = ("engine_start_s", "worker_up_at", "engine_ready_at")  # NaN where a batch does not report them
 
 
 class Claims:
@@ -55,7 +59,7 @@ def _out(batch: dict[str, np.ndarray], key: list[str], status: list[str], error:
            "error": np.asarray(error, dtype=object), "engine": np.asarray([engine] + [""] * (n - 1), dtype=object)}
     for name, dtype in FIGURES.items():
         column = np.zeros(n, dtype=dtype)
-        if name == "engine_start_s":
+        if name in UNSET:
             column[:] = math.nan
         if figures and n and figures.get(name) is not None:
             column[0] = figures[name]
@@ -91,14 +95,32 @@ class EncodeWorker:
     A worker Ray restarts after a crash takes over the shard its predecessor left (its lock is free),
     so a retried batch finds what was already committed there and nothing is stored twice."""
 
-    def __init__(self, cfg: Config, root: str, run_id: str, claims: Any, cpu: bool = False) -> None:
+    def __init__(self, cfg: Config, root: str, run_id: str, claims: Any, cpu: bool = False, eager: bool = False) -> None:
+        """eager: start the engine now, on a thread, while the keying tasks run (the driver asks for it
+        when the store may lack some inputs); a failed start is raised by the first call that needs it."""
         import ray
 
+        self.up_at = time.time()
         if cpu:  # --gpus 0: Ray leaves the GPUs visible to workers without any; vLLM must not take one
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.shard, self._lock_fd = take_shard(root, run_id, lambda: ray.get(claims.next_worker.remote()))
         self.encoder = Encoder(cfg.replace(store=self.shard, failures=None, show_progress=False, overwrite=False))
-        self.engine_reported = False
+        self.engine_reported = self.timeline_reported = False
+        if eager:
+            threading.Thread(target=self._start_engine, daemon=True).start()
+
+    def _start_engine(self) -> None:
+        try:
+            _ = self.encoder.engine  # the property starts it once, under its lock
+        except Exception:  # kept by the Encoder, raised again by the call that needs the engine
+            pass
+
+    def _timeline(self) -> dict[str, float | None]:
+        """When this worker came up and when its engine was ready (time.time()), once per worker."""
+        if self.timeline_reported or self.encoder.engine_ready_at is None:
+            return {}
+        self.timeline_reported = True
+        return {"worker_up_at": self.up_at, "engine_ready_at": self.encoder.engine_ready_at}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status = [str(s) for s in batch["status"]]
@@ -115,7 +137,7 @@ class EncodeWorker:
         for i, path in zip(new, paths):
             status[i], error[i] = (FAILED, failed[path]) if path in failed else (ENCODED, "")
         figures = {"tower_s": stats.tower_seconds, "store_s": stats.store_seconds, "patches": stats.patches,
-                   "engine_start_s": stats.engine_start_s}
+                   "engine_start_s": stats.engine_start_s, **self._timeline()}
         engine = ""
         if stats.engine and not self.engine_reported:
             engine, self.engine_reported = json.dumps(stats.engine), True

@@ -105,6 +105,10 @@ def test_ray_store_equals_single_process_and_lists_failures(tiny_model, corpus, 
     assert {json.loads(line)["path"].rsplit("/", 1)[1] for line in failures.read_text().splitlines()} == set(BAD)
     figures = json.loads(stats.read_text())
     assert figures["ray"]["workers"] == 2 and figures["ray"]["shards_merged"]["copied"] == 12
+    # an empty store: the workers start their engines as they come up; where the time before the first entry went
+    timeline = figures["ray"]["timeline_s"]
+    assert figures["ray"]["eager_engines"] is True and set(timeline) == {"ray_started", "worker_up", "engine_ready"}
+    assert 0 <= timeline["ray_started"] <= timeline["worker_up"] < timeline["engine_ready"] < figures["seconds"]
     assert_clean(store)
 
     again = splitvlm("encode", "--ray", "--address", cluster, "--gpus", "0", "--workers", "2",
