@@ -6,6 +6,7 @@ Nothing here imports ray at module level: the driver checks that Ray is there fi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -32,17 +33,37 @@ UNSET = ("engine_start_s", "worker_up_at", "engine_ready_at")  # NaN where a bat
 
 
 class Claims:
-    """A Ray actor: the first input to claim a key encodes it, later ones are duplicates; worker numbers."""
+    """A Ray actor: the key registry, and worker numbers.
+
+    Claims are settled in input order, as `encode` meets its inputs: the input with the lowest index
+    encodes a key and later ones are duplicates, whatever order the keying tasks finish in, so the
+    store records the same `source` as a single-process encode. A keying task claims its batch, a
+    contiguous run of input indices, once every lower index is settled. A batch claimed again (a
+    retried task) gets the same answers."""
 
     def __init__(self) -> None:
-        self.keys: set[str] = set()
+        self.owner: dict[str, int] = {}  # key -> the input index that encodes it
+        self.claimed: set[int] = set()
+        self.settled = 0  # every index below this one is claimed
         self.workers = 0
+        self._moved: asyncio.Condition | None = None  # made on the actor's event loop
 
-    def claim(self, keys: list[str]) -> list[bool]:
-        won = []
-        for key in keys:  # one at a time: a key twice in one call is won once
-            won.append(key not in self.keys)
-            self.keys.add(key)
+    async def claim(self, indices: list[int], keys: list[str | None]) -> list[bool]:
+        """For each input (None: it could not be keyed): whether it is the one that encodes its key."""
+        if self._moved is None:
+            self._moved = asyncio.Condition()
+        async with self._moved:
+            await self._moved.wait_for(lambda: self.settled >= min(indices, default=self.settled))
+            won = []
+            for index, key in zip(indices, keys):
+                if key is not None:
+                    won.append(self.owner.setdefault(key, index) == index)
+                else:
+                    won.append(False)
+                self.claimed.add(index)
+            while self.settled in self.claimed:
+                self.settled += 1
+            self._moved.notify_all()
         return won
 
     def next_worker(self) -> int:
@@ -80,12 +101,15 @@ def key_batch(batch: dict[str, np.ndarray], *, keys: KeyMaker, store: str, claim
         except SplitVLMError as exc:  # the same one-line reason the single-process encoder gives
             error[i] = str(exc)
     keyed = [i for i in range(n) if status[i] == NEW]
+    missing: set[str] = set()
     if keyed:
         with EmbeddingStore(store, readonly=True) as target:
             missing = set(target.missing([key[i] for i in keyed]))
-        won = ray.get(claims.claim.remote([key[i] for i in keyed]))
-        for i, first in zip(keyed, won):
-            status[i] = DUPLICATE if not first else (NEW if key[i] in missing else STORED)
+    # every input is claimed, keyed or not: later batches wait until each lower index is settled
+    won = ray.get(claims.claim.remote([int(x) for x in batch["index"]],
+                                      [key[i] if status[i] == NEW else None for i in range(n)]))
+    for i in keyed:
+        status[i] = DUPLICATE if not won[i] else (NEW if key[i] in missing else STORED)
     return _out(batch, key, status, error)
 
 

@@ -294,3 +294,23 @@ def test_ray_batch_default_follows_the_workers():
     assert ray_options(True, None, 2, None, None, False).batch_images == 256
     assert ray_options(True, None, 0, 2, None, False).batch_images == 32
     assert ray_options(True, None, 2, None, 64, False).batch_images == 64
+
+
+def test_claims_are_settled_in_input_order():
+    """The lowest input index with a key encodes it, as in `encode`, whichever keying task asks first; a
+    batch asked again (a retried task) gets the same answers; an unkeyable input still settles its index."""
+    import asyncio
+
+    from splitvlm.encoder.ray_worker import Claims
+
+    async def run() -> None:
+        claims = Claims()
+        later = asyncio.create_task(claims.claim([3, 4], ["k", "z"]))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # waits for indices 0-2
+        assert await claims.claim([0, 1, 2], ["a", "k", None]) == [True, True, False]
+        assert await later == [False, True]  # index 1 came first in the input, though it asked later
+        assert await claims.claim([3, 4], ["k", "z"]) == [False, True]
+        assert await claims.claim([5], ["a"]) == [False]
+
+    asyncio.run(run())
