@@ -3,11 +3,13 @@
     python -m benchmarks.bench_encode --model DIR [--profile exact|fast] [--images 64,512]
         [--per-size 32] [--batch-patches 16384] [--out benchmarks/results/bench_encode.json]
     python -m benchmarks.bench_encode --model DIR --smoke     # tiny sizes for the CPU
-    python -m benchmarks.bench_encode --model DIR --vs-default [--commit SHA]   # issue #16
+    python -m benchmarks.bench_encode --model DIR --vs-default [--variants exact,exact_cublas,exact_vision_fa]
+        [--commit SHA]   # issue #16
 
---vs-default runs the benchmark twice, each in its own process, one right after the other:
+--vs-default runs the benchmark once per side, each in its own process, one right after the other:
 first under the fast profile (vLLM's default tower: its attention backend, its kernels), then
-under the exact profile; one report holds both sides and exact/fast ratios per mix and size.
+each --variants side (default: exact; the others are the exact profile with one lever changed,
+benchmarks.common.VARIANTS); one report holds every side and its ratios to fast per mix and size.
 
 Each mix of synthetic images (sizes 224-800 px) goes through the real Encoder into a fresh
 store in a temporary folder (reading, preprocessing, vision tower and store writes all timed),
@@ -32,6 +34,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS,
+    VARIANTS,
     VisionShape,
     command,
     encode_batches,
@@ -43,6 +46,7 @@ from benchmarks.common import (
     size_label,
     sizes_for,
     start_engine,
+    variant_setup,
     write_images,
     write_report,
 )
@@ -69,9 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
     ap.add_argument("--vs-default", action="store_true",
                     help="Run fast (vLLM's default tower) then exact, each in its own process; one report with ratios.")
+    ap.add_argument("--variants", default="exact",
+                    help=f"With --vs-default: the sides after fast, comma-separated: {', '.join(VARIANTS)}.")
+    ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                    help="Run as this variant (overrides --profile; --vs-default sets it per side).")
     ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
     ap.add_argument("--out", default=str(RESULTS / "bench_encode.json"))
     args = ap.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; one of {', '.join(VARIANTS)}")
     args.images = args.images or ("8,16" if args.smoke else "64,512")
     args.per_size = args.per_size or (2 if args.smoke else 32)
     args.peak_n = args.peak_n or (8192 if torch.cuda.is_available() else (512 if args.smoke else 1024))
@@ -177,40 +188,42 @@ def summary(report: dict) -> str:
 
 
 def vs_default(args: argparse.Namespace, argv: list[str] | None) -> dict:
-    """fast then exact, each in a fresh process on the same machine; ratios exact / fast (goal >= 0.90)."""
+    """fast, then each variant, each in a fresh process on the same machine; ratios side / fast (goal >= 0.90)."""
     raw = list(sys.argv[1:] if argv is None else argv)
-    passed = [a for a in raw if a != "--vs-default"]
+    passed = [a for i, a in enumerate(raw) if a != "--vs-default" and not a.startswith("--variants")
+              and not (i and raw[i - 1] == "--variants")]
     sides, failed = {}, {}
     root = Path(tempfile.mkdtemp(prefix="bench_encode_vs_", dir=args.dir))
-    for profile in ("fast", "exact"):
-        out = root / f"{profile}.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_encode", *passed, "--profile", profile, "--out", str(out)]
+    for name in dict.fromkeys(["fast", *args.variants.split(",")]):
+        out = root / f"{name}.json"
+        cmd = [sys.executable, "-m", "benchmarks.bench_encode", *passed, "--variant", name, "--out", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            failed[profile] = f"exit {done.returncode}: {done.stderr[-1500:]}"
-            print(f"{profile} side failed ({done.returncode})", flush=True)
+            failed[name] = f"exit {done.returncode}: {done.stderr[-1500:]}"  # the other sides still run
+            print(f"{name} side failed ({done.returncode})", flush=True)
         else:
-            sides[profile] = json.loads(out.read_text())
-            print(f"{profile} side done", flush=True)
+            sides[name] = json.loads(out.read_text())
+            print(f"{name} side done", flush=True)
+    ablation = {name: side_ratios(sides["fast"], side) for name, side in sides.items() if name != "fast"} \
+        if "fast" in sides else {}
     report = {"benchmark": "bench_encode_vs_default", "date": now(), "commit": args.commit,
               "command": command("benchmarks.bench_encode", argv), "sides": sides, "failed_sides": failed,
-              "ratios": side_ratios(sides) if len(sides) == 2 else None}
+              "ratios": ablation.get("exact"), "ablation": ablation}
     shutil.rmtree(root, ignore_errors=True)
     path = write_report(report, args.out)
-    for name, ratio in (report["ratios"] or {}).items():
-        print(f"exact/fast {name}: {ratio:.3f}")
+    for name, ratios in ablation.items():
+        print(f"{name}/fast: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(f"wrote {path}")
     return report
 
 
-def side_ratios(sides: dict) -> dict[str, float]:
-    """exact / fast images per second: the encoder and the tower alone per mix, the tower per image size."""
-    fast, exact = sides["fast"], sides["exact"]
+def side_ratios(fast: dict, side: dict) -> dict[str, float]:
+    """side / fast images per second: the encoder and the tower alone per mix, the tower per image size."""
     ratios = {}
-    for n, m in exact["mixes"].items():
+    for n, m in side["mixes"].items():
         for part in ("encoder", "tower"):
             ratios[f"mix{n}_{part}"] = round(m[part]["images_per_s"] / fast["mixes"][n][part]["images_per_s"], 4)
-    for e, f in zip(exact["per_size"], fast["per_size"]):
+    for e, f in zip(side["per_size"], fast["per_size"]):
         ratios[f"size_{e['size']}_tower"] = round(e["images_per_s"] / f["images_per_s"], 4)
     return ratios
 
@@ -222,8 +235,9 @@ def main(argv: list[str] | None = None, engine=None) -> dict:
     peak = start_s = None
     if engine is None:
         peak = {**measure_peak(args.peak_n), "when": "before engine start"}
+        chosen = variant_setup(args.variant) if args.variant else {"profile": args.profile}
         engine, start_s = start_engine(Config(
-            model=args.model, profile=args.profile, max_model_len=args.max_model_len,
+            model=args.model, **chosen, max_model_len=args.max_model_len,
             enforce_eager=not args.cuda_graphs, batch_patches=args.batch_patches,
             loader_threads=args.loader_threads, show_progress=False))
     return publish(run(engine, args, peak), "benchmarks.bench_encode", argv, args.out, start_s, summary)

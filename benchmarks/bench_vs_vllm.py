@@ -32,20 +32,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, command, goal, sizes_for, write_images, write_report
+from benchmarks.common import (
+    RESULTS,
+    VARIANTS,
+    command,
+    goal,
+    sizes_for,
+    variant_setup,
+    write_images,
+    write_report,
+)
 from splitvlm.core.batching import chunks
 from splitvlm.core.identity import environment
 
 GOAL = 0.90
 PROBE_JOBS = 32  # smoke: 4
-# name: the exact profile with one lever changed (docs/exactness.md says what each one buys), or fast
-VARIANTS: dict[str, dict] = {
-    "exact": {},
-    "exact_cublas": {"profile_value": "exact;invariant_matmul=0"},  # cuBLAS GEMMs, not the invariant Triton ones
-    "exact_fa3": {"vllm_args": {"attention_config": {"backend": "FLASH_ATTN"}}},  # LM attention FA3 (num_splits=1)
-    "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
-    "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,16 +138,11 @@ def side(args: argparse.Namespace) -> None:
                   max_model_len=plan["max_model_len"], seed=0, **cpu)
         generate, tokenizer, settings = llm.generate, llm.get_tokenizer(), {"vllm_defaults": True}
     else:
-        import os
-
         from splitvlm.core.config import Config
         from splitvlm.core.engine import Engine
 
-        variant = VARIANTS[args.side]
-        if "profile_value" in variant:  # the plugin's one variable, with the lever changed
-            os.environ["SPLITVLM_PROFILE"] = variant["profile_value"]
         cfg = Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False,
-                     profile=variant.get("profile", "exact"), vllm_args=variant.get("vllm_args", {}))
+                     **variant_setup(args.side))
         engine = Engine(cfg, model_access=False)
         generate, tokenizer, settings = engine.generate, engine.tokenizer(), engine.reported()
     start_s = time.perf_counter() - t0

@@ -217,3 +217,25 @@ def goal(value: float, target: float, at_least: bool = True) -> dict:
     """A goal as it came out in this run: the measured value, the target and whether it was met."""
     met = value >= target if at_least else value < target
     return {"value": round(value, 4), "target": f"{'>=' if at_least else '<'} {target}", "met": met}
+
+
+# The exact profile with one lever changed (docs/exactness.md says what each buys), or fast; shared by
+# bench_vs_vllm (decode) and bench_encode --vs-default (the tower). profile_value: SPLITVLM_PROFILE, the
+# plugin's one variable; vllm_args: engine arguments over the profile's own.
+VARIANTS: dict[str, dict] = {
+    "exact": {},
+    "exact_cublas": {"profile_value": "exact;invariant_matmul=0"},  # cuBLAS GEMMs, not the invariant Triton ones
+    "exact_fa3": {"vllm_args": {"attention_config": {"backend": "FLASH_ATTN"}}},  # LM attention FA3 (num_splits=1)
+    "exact_vision_fa": {"vllm_args": {"mm_encoder_attn_backend": "FLASH_ATTN"}},  # the tower's attention FA varlen
+    "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
+    "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
+}
+
+
+def variant_setup(name: str) -> dict:
+    """Config fields for a variant (profile, vllm_args); sets SPLITVLM_PROFILE in this process when it changes a lever."""
+    variant = VARIANTS[name]
+    if "profile_value" in variant:
+        os.environ["SPLITVLM_PROFILE"] = variant["profile_value"]
+    return {"profile": variant.get("profile", "exact"), "vllm_args": dict(variant.get("vllm_args", {}))}
+

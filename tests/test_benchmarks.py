@@ -114,6 +114,10 @@ def test_bench_vs_vllm_variants_are_real_settings():
     with pytest.raises(SystemExit):
         module.parse_args(["--model", "m", "--variants", "exact,turbo"])
     assert module.parse_args(["--model", "m", "--variants", "exact,fast"]).variants == "exact,fast"
+    encode = bench("bench_encode")  # the same variants for the tower (bench_encode --vs-default --variants)
+    assert encode.VARIANTS is module.VARIANTS
+    with pytest.raises(SystemExit):
+        encode.parse_args(["--model", "m", "--vs-default", "--variants", "exact,turbo"])
 
 
 def test_bench_vs_vllm_rounds_and_partial_report():
@@ -159,7 +163,7 @@ def test_encode_vs_default_ratios(results):
     fast = json.loads(json.dumps(exact))
     for mix in fast["mixes"].values():
         mix["encoder"]["images_per_s"] *= 2
-    ratios = bench("bench_encode").side_ratios({"fast": fast, "exact": exact})
+    ratios = bench("bench_encode").side_ratios(fast, exact)
     assert ratios["mix8_encoder"] == ratios["mix16_encoder"] == 0.5
     assert ratios["mix8_tower"] == 1.0 and ratios["size_64x64_tower"] == 1.0
     assert len(ratios) == 4 + len(exact["per_size"])
