@@ -21,9 +21,7 @@ estimated from the model's vision config; the bf16 matmul peak is measured in th
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +41,7 @@ from benchmarks.common import (
     now,
     publish,
     report_header,
+    run_side,
     size_label,
     sizes_for,
     start_engine,
@@ -72,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default=None, help="Where the temporary images and stores go.")
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
     ap.add_argument("--vs-default", action="store_true",
-                    help="Run fast (vLLM's default tower) then exact, each in its own process; one report with ratios.")
+                    help="Run fast (vLLM's default tower) then each --variants side, each in its own process; "
+                         "one report with their ratios to fast.")
     ap.add_argument("--variants", default="exact",
                     help=f"With --vs-default: the sides after fast, comma-separated: {', '.join(VARIANTS)}.")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
@@ -189,21 +189,13 @@ def summary(report: dict) -> str:
 
 def vs_default(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """fast, then each variant, each in a fresh process on the same machine; ratios side / fast (goal >= 0.90)."""
-    raw = list(sys.argv[1:] if argv is None else argv)
-    passed = [a for i, a in enumerate(raw) if a != "--vs-default" and not a.startswith("--variants")
-              and not (i and raw[i - 1] == "--variants")]
+    passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--vs-default"]  # --variant, --out: last wins
     sides, failed = {}, {}
     root = Path(tempfile.mkdtemp(prefix="bench_encode_vs_", dir=args.dir))
-    for name in dict.fromkeys(["fast", *args.variants.split(",")]):
+    for name in dict.fromkeys(["fast", *args.variants.split(",")]):  # a failed side: the others still run
         out = root / f"{name}.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_encode", *passed, "--variant", name, "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            failed[name] = f"exit {done.returncode}: {done.stderr[-1500:]}"  # the other sides still run
-            print(f"{name} side failed ({done.returncode})", flush=True)
-        else:
-            sides[name] = json.loads(out.read_text())
-            print(f"{name} side done", flush=True)
+        run_side(name, [sys.executable, "-m", "benchmarks.bench_encode", *passed, "--variant", name, "--out", str(out)],
+                 out, sides, failed)
     ablation = {name: side_ratios(sides["fast"], side) for name, side in sides.items() if name != "fast"} \
         if "fast" in sides else {}
     report = {"benchmark": "bench_encode_vs_default", "date": now(), "commit": args.commit,

@@ -37,6 +37,7 @@ from benchmarks.common import (
     VARIANTS,
     command,
     goal,
+    run_side,
     sizes_for,
     variant_setup,
     write_images,
@@ -211,16 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     sides: dict = {}
     failed: dict = {}
     for name in ("reference", *args.variants.split(",")):
-        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_vs_vllm", "--model", args.model,
-                               "--side", name, "--plan", str(root / "plan.json")], capture_output=True, text=True)
-        if done.returncode != 0:
-            if name == "reference":
-                raise SystemExit(f"{name} side failed ({done.returncode}): {done.stderr[-2000:]}")
-            failed[name] = f"exit {done.returncode}: {done.stderr[-1500:]}"  # the other sides still run
-            print(f"{name} side failed ({done.returncode})", flush=True)
-        else:
-            sides[name] = json.loads((root / f"{name}.json").read_text())
-            print(f"{name} side done", flush=True)
+        cmd = [sys.executable, "-m", "benchmarks.bench_vs_vllm", "--model", args.model, "--side", name,
+               "--plan", str(root / "plan.json")]
+        if not run_side(name, cmd, root / f"{name}.json", sides, failed) and name == "reference":
+            raise SystemExit(f"reference side failed ({failed[name]})")  # a variant's failure: the others still run
         report = summarize(args, argv, plan, sides, failed)
         path = write_report(report, args.out)  # after every side: a run cut short keeps what it measured
     for c in report["cells"]:

@@ -206,6 +206,19 @@ def publish(report: dict, module: str, argv: Sequence[str] | None, out: str, sta
     return report
 
 
+def run_side(name: str, cmd: list[str], out: Path, sides: dict, failed: dict) -> bool:
+    """One side of a comparison in its own process: its report (written to out) into sides[name], or why
+    it failed into failed[name]; whether it ran."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        failed[name] = f"exit {done.returncode}: {done.stderr[-1500:]}"
+        print(f"{name} side failed ({done.returncode})", flush=True)
+        return False
+    sides[name] = json.loads(Path(out).read_text())
+    print(f"{name} side done", flush=True)
+    return True
+
+
 def write_report(report: dict, out: str) -> Path:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

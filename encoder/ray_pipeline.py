@@ -138,7 +138,7 @@ def _no_restarts(ray: Any) -> dict[str, int]:
 
 
 def pipeline(ray: Any, cfg: Config, opts: RayOptions, keys: KeyMaker, paths: list[str], run: tuple[str, str],
-             eager: bool = True) -> Iterator:
+             eager: bool) -> Iterator:
     """paths -> keying tasks -> pool of EncodeWorker actors; batches of result rows as they finish.
     eager: each worker starts its engine as it comes up, while the first inputs are keyed."""
     root, run_id = run

@@ -43,7 +43,7 @@ class Claims:
 
     def __init__(self) -> None:
         self.owner: dict[str, int] = {}  # key -> the input index that encodes it
-        self.claimed: set[int] = set()
+        self.claimed: set[int] = set()  # indices claimed at or above settled (those below are let go)
         self.settled = 0  # every index below this one is claimed
         self.workers = 0
         self._moved: asyncio.Condition | None = None  # made on the actor's event loop
@@ -60,8 +60,10 @@ class Claims:
                     won.append(self.owner.setdefault(key, index) == index)
                 else:
                     won.append(False)
-                self.claimed.add(index)
-            while self.settled in self.claimed:
+                if index >= self.settled:
+                    self.claimed.add(index)
+            while self.settled in self.claimed:  # the set stays as small as the batches in flight
+                self.claimed.remove(self.settled)
                 self.settled += 1
             self._moved.notify_all()
         return won

@@ -312,5 +312,6 @@ def test_claims_are_settled_in_input_order():
         assert await later == [False, True]  # index 1 came first in the input, though it asked later
         assert await claims.claim([3, 4], ["k", "z"]) == [False, True]
         assert await claims.claim([5], ["a"]) == [False]
+        assert claims.settled == 6 and claims.claimed == set()  # settled indices are let go
 
     asyncio.run(run())
