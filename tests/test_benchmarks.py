@@ -175,3 +175,22 @@ def test_bench_serve_puts_the_port_before_vllms_options():
     assert module.with_port(["splitvlm", "serve"], 8) == ["splitvlm", "serve", "--port", "8"]
     assert module.with_port(["serve", "--", "--api-server-count", "4"], 8) == \
         ["serve", "--port", "8", "--", "--api-server-count", "4"]
+
+
+def test_bench_serve_reads_where_a_request_spent_its_time():
+    """vLLM's per-request histograms, summed over engines and API servers, give each phase's mean over the run."""
+    module = bench("bench_serve")
+    before = module.histogram_totals(
+        '# HELP vllm:request_prefill_time_seconds Histogram\n'
+        'vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 1.0\n'
+        'vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 1.0\n'
+        'vllm:request_prefill_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 1.0\n')
+    after = module.histogram_totals(
+        'vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 3.0\n'
+        'vllm:request_prefill_time_seconds_sum{engine="1",model_name="m"} 4.0\n'
+        'vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 2.0\n'
+        'vllm:request_prefill_time_seconds_count{engine="1",model_name="m"} 2.0\n'
+        'vllm:e2e_request_latency_seconds_sum{engine="0",model_name="m"} 9.0\n'
+        'splitvlm_tower_images_total 0\n')
+    assert after["request_prefill_time_seconds_sum"] == 7.0
+    assert module.phase_means(before, after) == {"request_prefill_time_mean_s": 2.0}
