@@ -10,9 +10,12 @@ answering from the store, and `vllm serve` with its defaults, running the tower 
 Each server gets one warm-up request on an image outside the measured set, then all requests at
 once: streamed greedy chat completions of exactly --max-tokens tokens (ignore_eos), each image as
 a data: URL encoded before the clock starts. Reported per server: requests/s (all requests over
-the wall time from the first send to the last byte) and p50/p99 time to first token. The splitvlm
-counters must show no tower call for the stored images. --check-decode also asks splitvlm serve
-each request without ignore_eos and compares the answers with `splitvlm decode` of the same jobs.
+the wall time from the first send to the last byte), p50/p99 time to first token, and the means
+of vLLM's own per-request phases. The same requests then go to benchmarks.floor_server, which
+answers at once with no model: `client_floor` is what the client and the HTTP stack cost alone.
+The splitvlm counters must show no tower call for the stored images. --check-decode also asks
+splitvlm serve each request without ignore_eos and compares the answers with `splitvlm decode` of
+the same jobs.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="An argument for `splitvlm serve` (repeat it), e.g. --serve-arg=--profile --serve-arg=fast, "
                          "or vLLM's: --serve-arg=-- --serve-arg=--api-server-count --serve-arg=4.")
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
+    ap.add_argument("--floor-only", action="store_true",
+                    help="Measure only the client floor (benchmarks.floor_server): no store, no model is run.")
     ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
     ap.add_argument("--out", default=str(RESULTS / "bench_serve.json"))
     args = ap.parse_args(argv)
@@ -227,12 +232,35 @@ def decode_texts(args, paths: list[str], folder: Path) -> list[str]:
     return [json.loads(line)["text"] for line in (folder / "decoded.jsonl").read_text().splitlines()]
 
 
+def client_floor(urls: list[str], warmup: str, max_tokens: int, folder: Path) -> dict:
+    """The same requests against benchmarks.floor_server, which answers at once: what this client, the
+    loopback and the HTTP stack cost by themselves, under both servers' figures."""
+    root = str(Path(__file__).resolve().parents[1])
+    floor = [sys.executable, "-m", "uvicorn", "benchmarks.floor_server:app", "--app-dir", root, "--log-level", "warning"]
+    with Server("client_floor", floor, folder, 120) as server:
+        return measure(server, "floor", urls, warmup, max_tokens)
+
+
+def floor_only(args: argparse.Namespace, argv: list[str] | None, paths: list[str], folder: Path) -> dict:
+    urls = ["data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
+    report = {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
+              "date": now(), "environment": environment(), "cpus": os.cpu_count(),
+              "args": {k: v for k, v in vars(args).items() if k != "out"},
+              "client_floor": client_floor(urls[1:], urls[0], args.max_tokens, folder)}
+    path = write_report(report, args.out)
+    f = report["client_floor"]
+    print(f"client floor {f['requests_per_s']} req/s (TTFT p50 {f['ttft_p50_s']} s, p99 {f['ttft_p99_s']} s); wrote {path}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench_serve_"))
     paths = write_images(folder / "images", 0, args.requests + 1, sizes_for(args.smoke), seed=args.seed)
     warmup_path, paths = paths[0], paths[1:]
     py, common = [sys.executable, "-m"], ["--max-model-len", str(args.max_model_len)]
+    if args.floor_only:
+        return floor_only(args, argv, [warmup_path, *paths], folder)
     subprocess.run([*py, "splitvlm", "encode", "--model", args.model, "--store", str(folder / "store"),
                     "--no-progress", *common, *encode_profile(args.serve_arg), *paths], check=True)
     url = {p: "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in [warmup_path, *paths]}
@@ -250,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         vllm += ["--gpu-memory-utilization", "0.5"]
     with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
         report["vllm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens)
+    report["client_floor"] = client_floor(urls, url[warmup_path], args.max_tokens, folder)
     s, v = report["splitvlm_serve"], report["vllm_serve"]
     report["ratio_requests_per_s"] = round(s["requests_per_s"] / v["requests_per_s"], 3)
     report["tower_calls_for_stored_images"] = s["counters"].get("tower_images")
@@ -261,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"splitvlm serve {s['requests_per_s']} req/s (TTFT p50 {s['ttft_p50_s']} s, p99 {s['ttft_p99_s']} s), "
           f"vllm serve {v['requests_per_s']} req/s (p50 {v['ttft_p50_s']} s, p99 {v['ttft_p99_s']} s); "
           f"ratio {report['ratio_requests_per_s']}; tower calls for stored images {report['tower_calls_for_stored_images']:g}"
-          + (f"; decode identical {report['check_decode']['identical']}/{len(paths)}" if answers is not None else ""))
+          + (f"; decode identical {report['check_decode']['identical']}/{len(paths)}" if answers is not None else "")
+          + f"; client floor {report['client_floor']['requests_per_s']} req/s (p50 {report['client_floor']['ttft_p50_s']} s)")
     print(f"wrote {path}")
     return report
 

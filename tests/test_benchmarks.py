@@ -194,3 +194,13 @@ def test_bench_serve_reads_where_a_request_spent_its_time():
         'splitvlm_tower_images_total 0\n')
     assert after["request_prefill_time_seconds_sum"] == 7.0
     assert module.phase_means(before, after) == {"request_prefill_time_mean_s": 2.0}
+
+
+def test_the_client_floor_server_answers_like_vllms_stream(tmp_path):
+    """bench_serve's floor: a real loopback server with no model; the client reads its stream like vLLM's."""
+    module = bench("bench_serve")
+    urls = ["data:image/png;base64,AAAA"] * 4
+    floor = module.client_floor(urls, urls[0], 3, tmp_path)
+    assert floor["requests"] == 4 and floor["requests_per_s"] > 0
+    assert 0 < floor["ttft_p50_s"] <= floor["seconds"]
+    assert floor["engine_phases"] == {} and floor["counters"] == {}
