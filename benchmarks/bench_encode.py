@@ -3,7 +3,7 @@
     python -m benchmarks.bench_encode --model DIR [--profile exact|fast] [--images 64,512]
         [--per-size 32] [--batch-patches 16384] [--out benchmarks/results/bench_encode.json]
     python -m benchmarks.bench_encode --model DIR --smoke     # tiny sizes for the CPU
-    python -m benchmarks.bench_encode --model DIR --vs-default [--variants exact,exact_cublas,exact_vision_fa]
+    python -m benchmarks.bench_encode --model DIR --vs-default [--variants exact,exact_cublas,exact_vision_sdpa]
         [--commit SHA]   # issue #16
 
 --vs-default runs the benchmark once per side, each in its own process, one right after the other:

@@ -239,7 +239,8 @@ VARIANTS: dict[str, dict] = {
     "exact": {},
     "exact_cublas": {"profile_value": "exact;invariant_matmul=0"},  # cuBLAS GEMMs, not the invariant Triton ones
     "exact_fa3": {"vllm_args": {"attention_config": {"backend": "FLASH_ATTN"}}},  # LM attention FA3 (num_splits=1)
-    "exact_vision_fa": {"vllm_args": {"mm_encoder_attn_backend": "FLASH_ATTN"}},  # the tower's attention FA varlen
+    # the tower's attention as before 2026-12: per-image SDPA (on the GPU the exact profile runs FA varlen, one split)
+    "exact_vision_sdpa": {"vllm_args": {"mm_encoder_attn_backend": "TORCH_SDPA"}},
     "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }

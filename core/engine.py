@@ -273,39 +273,14 @@ class Engine:
 
     def reported(self) -> dict[str, Any]:
         """The engine's settings as vLLM resolved them (not as splitvlm asked for them)."""
-        vc = self.llm.llm_engine.vllm_config
-        mm = self.model_config.multimodal_config
-        comp, cache, sched = vc.compilation_config, vc.cache_config, vc.scheduler_config
+        from splitvlm.core.engine_report import reported
 
-        def text(value: Any) -> Any:
-            return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
-
-        fields = {
-            "mm_encoder_only": getattr(mm, "mm_encoder_only", None),
-            "mm_encoder_attn_backend": getattr(mm, "mm_encoder_attn_backend", None),
-            "enforce_eager": self.model_config.enforce_eager,
-            "compilation_mode": getattr(comp, "mode", None),
-            "cudagraph_mode": getattr(comp, "cudagraph_mode", None),
-            "custom_ops": ",".join(getattr(comp, "custom_ops", []) or []),
-            "v2_model_runner": getattr(vc, "use_v2_model_runner", None),
-            "attention_backend": getattr(getattr(vc, "attention_config", None), "backend", None),
-            "ir_op_priority": getattr(getattr(vc, "kernel_config", None), "ir_op_priority", None),
-            "enable_prefix_caching": cache.enable_prefix_caching,
-            "num_gpu_blocks": cache.num_gpu_blocks,
-            "gpu_memory_utilization": cache.gpu_memory_utilization,
-            "max_model_len": self.model_config.max_model_len,
-            "max_num_seqs": sched.max_num_seqs,
-            "max_num_batched_tokens": sched.max_num_batched_tokens,
-            "dtype": self.model_config.dtype,
-            "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0"),
-            "splitvlm_profile": os.environ.get(VARIABLE, ""),
-            "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
-        }
-        return {name: text(value) for name, value in fields.items()}
+        return reported(self)
 
     def environment(self) -> dict[str, str]:
         from splitvlm.core.identity import environment
 
         env = environment()
         env["profile"] = self.profile.name
+        env["tower_kernels"] = self.profile.tower_kernels(self.gpu)
         return env

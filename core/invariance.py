@@ -1,4 +1,4 @@
-"""Batch-invariant matmuls where vLLM's batch-invariant mode leaves them to cuBLAS (Hopper and newer)."""
+"""Batch invariance vLLM leaves out: Triton matmuls where it uses cuBLAS (Hopper and newer), one split for the tower's FlashAttention."""
 
 from __future__ import annotations
 
@@ -44,4 +44,37 @@ def enable_invariant_matmul() -> bool:
     for op, fn in _OPS:
         if hasattr(kernels, fn):  # the .out variants exist from vLLM 0.32 on
             _library.impl(op, getattr(kernels, fn), "CUDA")
+    return True
+
+
+_FA_MODULE = "vllm.v1.attention.backends.fa_utils"  # where vLLM's ViT wrapper looks up flash_attn_varlen_func per call
+
+
+def single_split_flash_attention(module=None) -> bool:
+    """Make FlashAttention varlen calls that go through vLLM's fa_utils use num_splits=1.
+
+    vLLM's ViT wrapper (vit_attn_wrappers.flash_attn_maxseqlen_wrapper, 0.26 and 0.32) imports
+    flash_attn_varlen_func from fa_utils at each call and passes no num_splits, so FA3 picks the
+    split count from the call's size: an image alone could be reduced in another order than in a
+    batch. One split makes each image's attention independent of the others in its call (what
+    VLLM_BATCH_INVARIANT does for the language model's FlashAttention). module: fa_utils (tests
+    pass their own). Returns True when installed (now or before); False without FlashAttention."""
+    if module is None:
+        try:
+            module = importlib.import_module(_FA_MODULE)
+        except ImportError:
+            return False
+    original = getattr(module, "flash_attn_varlen_func", None)
+    if original is None:
+        return False
+    if getattr(original, "splitvlm_single_split", False):
+        return True
+
+    def flash_attn_varlen_func(*args, **kwargs):
+        kwargs["num_splits"] = 1
+        return original(*args, **kwargs)
+
+    flash_attn_varlen_func.splitvlm_single_split = True  # type: ignore[attr-defined]
+    flash_attn_varlen_func.__wrapped__ = original  # type: ignore[attr-defined]
+    module.flash_attn_varlen_func = flash_attn_varlen_func
     return True

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.identity import environment
+from splitvlm.core.profiles import LEGACY_TOWER_KERNELS
 
 FORMAT = "splitvlm.lock/1"
 LOCKED = ("splitvlm", "vllm", "torch", "transformers", "cuda", "device", "python")
@@ -75,15 +76,32 @@ def entry_differences(locked: dict[str, str], meta: dict[str, str]) -> list[str]
 
 class EntryCheck:
     """Refuses store entries made under another environment than the lock's (or, without a lock,
-    another vLLM version or device than this one); with allow_mismatch, a lock warns once per entry."""
+    another vLLM version or device than this one), and exact-profile entries whose tower ran other
+    attention kernels than `tower` (Profile.tower_kernels; None: not checked); with allow_mismatch,
+    a lock or the tower warns once per entry."""
 
-    def __init__(self, lock_path: str | None, allow_mismatch: bool):
+    def __init__(self, lock_path: str | None, allow_mismatch: bool, tower: str | None = None):
         self.lock_path = lock_path
         self.lock = check_lock(lock_path) if lock_path else None
         self.allow_mismatch = allow_mismatch
+        self.tower = tower
         self.warned: set[str] = set()
 
+    def _tower(self, key: str, meta: dict[str, str]) -> None:
+        if self.tower is None or meta.get("profile") != "exact":
+            return
+        made = meta.get("tower_kernels") or LEGACY_TOWER_KERNELS  # entries from before the field: SDPA
+        if made == self.tower:
+            return
+        message = f"{key}: encoded with tower attention {made}, this engine runs {self.tower}"
+        if not self.allow_mismatch:
+            raise SplitVLMError(f"{message}; outputs would not be exact (re-encode, or pass --allow-mismatch)")
+        if "tower " + key not in self.warned:
+            self.warned.add("tower " + key)
+            print(f"warning: {message}; used anyway (--allow-mismatch)", file=sys.stderr)
+
     def __call__(self, key: str, meta: dict[str, str]) -> None:
+        self._tower(key, meta)
         if self.lock is None:
             self._against_here(key, meta)
             return

@@ -7,7 +7,9 @@ declared in pyproject.toml), before it builds a model. It reads one documented v
 - splitvlm's model classes are registered with vLLM's ModelRegistry, by class (a class named
   by "module:Class" is inspected in a subprocess, ~20 s per start on the H200);
 - under a profile with invariant matmuls, on a GPU, aten mm/addmm/matmul/linear are routed
-  through vLLM's batch-invariant Triton kernels (core.invariance).
+  through vLLM's batch-invariant Triton kernels (core.invariance);
+- under the exact profile, on a GPU, the tower's FlashAttention varlen calls run with one split
+  (core.invariance.single_split_flash_attention).
 
 Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
 splitvlm architecture works and nothing else in vLLM changes.
@@ -64,3 +66,10 @@ def register(kernels: bool = True) -> None:
 
         if enable_invariant_matmul():
             _done.add("matmul")
+    if kernels and settings.profile == "exact" and "vision_splits" not in _done:
+        import torch
+
+        from splitvlm.core.invariance import single_split_flash_attention
+
+        if torch.cuda.is_available() and single_split_flash_attention():
+            _done.add("vision_splits")

@@ -22,6 +22,13 @@ def exact_cpu_isa() -> dict[str, str]:
     return dict([EXACT_CPU_ISA]) if platform.machine().lower() in ("x86_64", "amd64") else {}
 
 
+# What the exact tower's attention runs on (Profile.tower_kernels). Entries made before the field existed
+# ran SDPA on every device (LEGACY_TOWER_KERNELS).
+TOWER_SDPA = "sdpa-per-image"
+TOWER_FA_SINGLE_SPLIT = "flash-attn-varlen-splits1"
+LEGACY_TOWER_KERNELS = TOWER_SDPA
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -36,7 +43,7 @@ class Profile:
         kwargs: dict = {
             "enable_prefix_caching": False,
             "mm_processor_cache_gb": 0,
-            "mm_encoder_attn_backend": "TORCH_SDPA",
+            "mm_encoder_attn_backend": "FLASH_ATTN" if gpu else "TORCH_SDPA",
         }
         if gpu:
             kwargs["attention_config"] = {"backend": "TRITON_ATTN"}
@@ -44,8 +51,11 @@ class Profile:
             # by compilation mode: native torch under torch.compile, CUDA kernels when eager. The
             # tower is never compiled, so an eager encoder and a compiled decoder would compute it
             # with different ops and different bits (seen on the H200: 0/264 embeddings equal).
-            # Pinning the choice makes the tower's bytes independent of eager vs compiled.
-            kwargs["compilation_config"] = {"custom_ops": ["none"]}
+            # Pinning the choice makes the tower's bytes independent of eager vs compiled. The one op
+            # kept on is the tower's attention: disabled, it falls back to per-image SDPA whatever
+            # mm_encoder_attn_backend says; on, it is FlashAttention varlen, one call for all of a
+            # batch's images, with the plugin fixing num_splits at 1 (core.invariance).
+            kwargs["compilation_config"] = {"custom_ops": ["none", "+mm_encoder_attn"]}
             # vLLM 0.26 picks RMSNorm's kernel apart from custom_ops, by "IR op priority": vLLM's CUDA
             # kernel when eager, native torch (batch-invariant mean under VLLM_BATCH_INVARIANT) when
             # compiled. Qwen2.5-VL's tower uses RMSNorm, so the eager encoder and the compiled decoder
@@ -55,6 +65,13 @@ class Profile:
 
     def settings(self) -> ProcessSettings:
         return ProcessSettings(self.name, self.vision, self.exact)
+
+    def tower_kernels(self, gpu: bool) -> str:
+        """The kernels behind the tower's attention under this profile, recorded with each stored
+        entry: entries made under other ones cannot give this engine's bytes (core.lock.EntryCheck)."""
+        if not self.exact:
+            return "vllm-default"
+        return TOWER_FA_SINGLE_SPLIT if gpu else TOWER_SDPA
 
     def env(self, gpu: bool) -> dict[str, str]:
         """What vLLM's processes need in their environment: splitvlm's one variable, read by the
@@ -124,8 +141,9 @@ PROFILES = {
         exact=True,
         vision="batched",
         prefix_caching=False,
-        description="prefix caching off, SDPA vision attention, no processor cache; "
-        "on a GPU also Triton attention, VLLM_BATCH_INVARIANT=1 and batch-invariant Triton matmuls",
+        description="prefix caching off, no processor cache, per-image SDPA vision attention on the CPU; "
+        "on a GPU FlashAttention varlen vision attention with num_splits=1, Triton attention, "
+        "VLLM_BATCH_INVARIANT=1 and batch-invariant Triton matmuls",
     ),
     "fast": Profile(
         name="fast",

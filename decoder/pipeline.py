@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
 
 from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError, whole_line
 from splitvlm.core.lock import EntryCheck
+from splitvlm.core.profiles import get_profile
 from splitvlm.core.provenance import KeyMaker, explain_misses
 from splitvlm.core.sources import read_bytes
 from splitvlm.decoder.cache import (
@@ -66,7 +68,8 @@ class Decoder:
                                 "into the store (Decoder(cfg, encode_missing=...))")
         if cfg.cache:
             check_cacheable(cfg)
-        self.check_entry = EntryCheck(cfg.lock, cfg.allow_mismatch)  # checks the lock itself first
+        self.check_entry = EntryCheck(cfg.lock, cfg.allow_mismatch,  # checks the lock itself first
+                                      get_profile(cfg.profile).tower_kernels(torch.cuda.is_available()))
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine

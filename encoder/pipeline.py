@@ -246,6 +246,7 @@ class Encoder:
             "torch_version": env["torch"],
             "device": env["device"],
             "profile": self.cfg.profile,
+            "tower_kernels": env["tower_kernels"],
         }
         return [
             Entry(p.key, e, p.grid_thw.reshape(1, 3).to(torch.int64),

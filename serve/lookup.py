@@ -9,6 +9,7 @@ import torch
 
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.lock import EntryCheck
+from splitvlm.core.profiles import get_profile
 from splitvlm.core.provenance import Provenance
 from splitvlm.serve.settings import ServeSettings
 from splitvlm.store import EmbeddingStore, Entry, Expect
@@ -36,7 +37,8 @@ class StoreAccess:
         self.settings = settings
         self.expect = expect
         self.provenance = Provenance(**settings.provenance)
-        self.check_entry = EntryCheck(settings.lock, settings.allow_mismatch)
+        self.tower = get_profile(self.provenance.profile).tower_kernels(torch.cuda.is_available())
+        self.check_entry = EntryCheck(settings.lock, settings.allow_mismatch, self.tower)
         self._environment: dict[str, str] | None = None
 
     def store(self) -> EmbeddingStore:
@@ -77,7 +79,8 @@ class StoreAccess:
             self._environment = environment()
         env = self._environment
         meta = {"vllm_version": env["vllm"], "torch_version": env["torch"], "device": env["device"],
-                "profile": self.provenance.profile, **self.provenance.meta(bytes.fromhex(digest)),
+                "profile": self.provenance.profile, "tower_kernels": self.tower,
+                **self.provenance.meta(bytes.fromhex(digest)),
                 "source": "splitvlm serve"}
         grid_thw = torch.tensor([grid], dtype=torch.int64)
         entry = Entry(key, embeds.detach().to("cpu", copy=True).contiguous(), grid_thw, meta)

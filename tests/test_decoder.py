@@ -168,6 +168,30 @@ def test_entries_from_another_vllm_or_device_are_refused(store, engine, images, 
     assert Decoder(store.replace(allow_mismatch=True), engine=engine).generate(jobs)[0].error is None
 
 
+def test_entries_whose_tower_ran_other_attention_kernels_are_refused(store, engine, images, tmp_path):
+    """An exact entry records its tower's attention kernels; one made under others (the GPU's exact
+    profile before it ran FlashAttention with one split, another machine) cannot give this engine's
+    bytes, so its job fails naming the entry. Entries from before the field ran per-image SDPA."""
+    from splitvlm.core.profiles import LEGACY_TOWER_KERNELS
+    from splitvlm.store import EmbeddingStore, Entry
+
+    key = KeyMaker(store)(open(images[0], "rb").read())
+    with EmbeddingStore(store.store) as s:
+        entry = s.get(key)
+        assert entry.meta["tower_kernels"] == engine.environment()["tower_kernels"] == LEGACY_TOWER_KERNELS  # CPU
+        s.put(Entry(key, entry.image_embeds.clone(), entry.image_grid_thw.clone(),
+                    {**entry.meta, "tower_kernels": "flash-attn-varlen-splits1"}), overwrite=True)
+    jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "images": [images[0]], "prompt": "Hi."}]))
+    (refused,) = Decoder(store, engine=engine).generate(jobs)
+    assert key in refused.error and "tower attention flash-attn-varlen-splits1" in refused.error
+    assert "\n" not in refused.error and not refused.token_ids
+    assert Decoder(store.replace(allow_mismatch=True), engine=engine).generate(jobs)[0].error is None
+    with EmbeddingStore(store.store) as s:  # no field: made before it existed, with SDPA, as here
+        s.put(Entry(key, entry.image_embeds.clone(), entry.image_grid_thw.clone(),
+                    {k: v for k, v in entry.meta.items() if k != "tower_kernels"}), overwrite=True)
+    assert Decoder(store, engine=engine).generate(jobs)[0].error is None
+
+
 def test_too_many_images_is_that_jobs_error(store, engine, images, tmp_path):
     jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [
         {"id": "many", "images": [images[0]] * 3, "prompt": "x"},

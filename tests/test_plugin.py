@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -54,11 +56,34 @@ def test_exact_gpu_engines_pick_the_same_kernels_eager_or_compiled():
     from vllm.engine.arg_utils import EngineArgs
 
     kwargs = get_profile("exact").engine_kwargs(gpu=True)
-    assert kwargs["compilation_config"] == {"custom_ops": ["none"]}
+    # every custom op off but the tower's attention, which off would be per-image SDPA whatever its backend
+    assert kwargs["compilation_config"] == {"custom_ops": ["none", "+mm_encoder_attn"]}
+    assert kwargs["mm_encoder_attn_backend"] == "FLASH_ATTN"
+    assert get_profile("exact").engine_kwargs(gpu=False)["mm_encoder_attn_backend"] == "TORCH_SDPA"
     assert kwargs["ir_op_priority"] == {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
     assert "ir_op_priority" in EngineArgs.__dataclass_fields__  # a real engine argument of this vLLM
     assert "ir_op_priority" not in get_profile("exact").engine_kwargs(gpu=False)  # the CPU runs eager only
     assert "ir_op_priority" not in get_profile("fast").engine_kwargs(gpu=True)  # fast: vLLM's defaults
+
+
+def test_the_towers_flash_attention_runs_with_one_split():
+    """vLLM's ViT wrapper passes no num_splits, so FA3 would pick the split count from the call's size;
+    the plugin fixes it at 1 in the module the wrapper reads it from at each call, once, whatever else
+    the caller passes."""
+    import types
+
+    from splitvlm.core.invariance import single_split_flash_attention
+
+    calls = []
+    module = types.SimpleNamespace(flash_attn_varlen_func=lambda *a, **k: calls.append((a, k)) or "out")
+    assert single_split_flash_attention(module) and single_split_flash_attention(module)  # idempotent
+    assert module.flash_attn_varlen_func("q", "k", "v", causal=False) == "out"
+    assert module.flash_attn_varlen_func("q", "k", "v", num_splits=0) == "out"
+    assert calls == [(("q", "k", "v"), {"causal": False, "num_splits": 1}), (("q", "k", "v"), {"num_splits": 1})]
+    assert not single_split_flash_attention(types.SimpleNamespace())  # no FlashAttention: nothing to do
+    if importlib.util.find_spec("vllm.v1.attention.ops.vit_attn_wrappers"):  # vLLM still reads it per call
+        wrappers = Path(importlib.util.find_spec("vllm.v1.attention.ops.vit_attn_wrappers").origin).read_text()
+        assert "from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func" in wrappers
 
 
 def test_a_variable_naming_another_profile_is_refused(monkeypatch):
@@ -155,3 +180,10 @@ def test_where_the_engine_core_runs(tiny_model):
     assert not separate_process(auto, gpu=False, encoder_only=False, model_access=False)
     with pytest.raises(SplitVLMError, match="engine-process"):
         separate_process(cfg.replace(engine_process="elsewhere"), gpu=False, encoder_only=False, model_access=False)
+
+
+def test_the_engine_reports_how_its_towers_attention_runs(engine):
+    """Asked-for and run can differ (a custom op turned off runs per-image SDPA whatever backend was
+    asked for), so the report reads the built model: on the CPU, vLLM's CPU path with SDPA."""
+    method, backend = engine.reported()["vision_attention"].split()
+    assert method in ("forward_cpu", "forward_native") and backend == "TORCH_SDPA"
