@@ -36,8 +36,9 @@ from benchmarks.common import (
 from splitvlm.core.config import Config
 from splitvlm.core.sources import load_image
 
-CLASSES = (("matmul", re.compile(r"gemm|matmul|cutlass|xmma|cublas|sm90_|nvjet|aten::(add)?mm\b|aten::linear", re.I)),
-           ("attention", re.compile(r"flash|fmha|attn|attention|sdpa|softmax", re.I)))
+# attention first: FlashAttention 3's kernels are CUTLASS kernels too
+CLASSES = (("attention", re.compile(r"flash|fmha|attn|attention|sdpa|softmax", re.I)),
+           ("matmul", re.compile(r"gemm|matmul|cutlass|xmma|cublas|sm90_|nvjet|aten::(add)?mm\b|aten::linear", re.I)))
 
 
 def kernel_class(name: str) -> str:

@@ -226,6 +226,9 @@ def test_profile_tower_sorts_kernels_into_classes_and_measures_each_gap():
     assert module.kernel_class("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "matmul"  # cuBLAS on Hopper
     assert module.kernel_class("aten::addmm") == "matmul"
     assert module.kernel_class("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    # FlashAttention 3 on Hopper is a CUTLASS kernel: attention, not matmul (H200, 069763f)
+    assert module.kernel_class("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") \
+        == "attention"
     assert module.kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
     fast = {"ms_per_image": {"matmul": 1.0, "attention": 0.5, "other": 0.5}, "total_ms_per_image": 2.0}
     side = {"ms_per_image": {"matmul": 2.0, "attention": 0.5, "other": 1.5}, "total_ms_per_image": 4.0}
