@@ -242,6 +242,9 @@ VARIANTS: dict[str, dict] = {
     # the tower's attention as before 2026-12: per-image SDPA (on the GPU the exact profile runs FA varlen, one split)
     "exact_vision_sdpa": {"vllm_args": {"mm_encoder_attn_backend": "TORCH_SDPA"}},
     "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
+    # experiments from the tower's kernel profile (069763f, docs/exactness.md); unmeasured, not yet exact-checked:
+    "exact_fused_bias": {"profile_value": "exact;fused_bias=1"},  # the linear layers' bias inside the Triton GEMM
+    "exact_quick_gelu": {"vllm_args": {"compilation_config": {"custom_ops": ["none", "+mm_encoder_attn", "+quick_gelu"]}}},
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }
 

@@ -9,7 +9,9 @@ declared in pyproject.toml), before it builds a model. It reads one documented v
 - under a profile with invariant matmuls, on a GPU, aten mm/addmm/matmul/linear are routed
   through vLLM's batch-invariant Triton kernels (core.invariance);
 - under the exact profile, on a GPU, the tower's FlashAttention varlen calls run with one split
-  (core.invariance.single_split_flash_attention).
+  (core.invariance.single_split_flash_attention);
+- with the experiment setting fused_bias=1, on a GPU, vLLM's batch-invariant linear layer adds its
+  bias inside the GEMM (core.invariance.fused_bias_linear).
 
 Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
 splitvlm architecture works and nothing else in vLLM changes.
@@ -73,3 +75,10 @@ def register(kernels: bool = True) -> None:
 
         if torch.cuda.is_available() and single_split_flash_attention():
             _done.add("vision_splits")
+    if kernels and settings.fused_bias and "fused_bias" not in _done:
+        import torch
+
+        from splitvlm.core.invariance import fused_bias_linear
+
+        if torch.cuda.is_available() and fused_bias_linear():
+            _done.add("fused_bias")

@@ -187,3 +187,39 @@ def test_the_engine_reports_how_its_towers_attention_runs(engine):
     asked for), so the report reads the built model: on the CPU, vLLM's CPU path with SDPA."""
     method, backend = engine.reported()["vision_attention"].split()
     assert method in ("forward_cpu", "forward_native") and backend == "TORCH_SDPA"
+
+
+def test_fused_bias_is_an_experiment_that_leaves_the_default_value_alone():
+    """fused_bias=1 puts the linear layers' bias inside the batch-invariant GEMM (an experiment from the
+    tower's kernel profile); unset, SPLITVLM_PROFILE's value, which result-cache keys hold, is as before."""
+    assert get_profile("exact").settings().value() == "exact;vision=batched;invariant_matmul=1"
+    fused = settings_from("exact;fused_bias=1")
+    assert fused.fused_bias and fused.invariant_matmul and fused.value().endswith(";fused_bias=1")
+    assert settings_from(fused.value()) == fused
+    assert not settings_from("exact").fused_bias
+    with pytest.raises(SplitVLMError, match="fused_bias=0"):
+        settings_from("exact;fused=1")
+
+
+def test_the_fused_bias_linear_adds_the_bias_in_the_gemm_and_keeps_the_rest():
+    import types
+
+    import torch
+
+    from splitvlm.core.invariance import fused_bias_linear
+
+    calls = []
+
+    def matmul_persistent(a, b, bias=None):
+        calls.append((tuple(a.shape), tuple(b.shape), bias is not None))
+        return a @ b + (bias if bias is not None else 0)
+
+    module = types.SimpleNamespace(linear_batch_invariant=lambda x, w, b=None: ("vllm's", x.shape))
+    kernels = types.SimpleNamespace(matmul_persistent=matmul_persistent)
+    assert fused_bias_linear(module, kernels) and fused_bias_linear(module, kernels)  # once
+    x, w, b = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+    out = module.linear_batch_invariant(x, w, b)
+    assert out.shape == (2, 3, 5) and torch.allclose(out, x @ w.t() + b)
+    assert calls == [((6, 4), (4, 5), True)]  # one GEMM over every row, the bias inside it
+    assert module.linear_batch_invariant(x, w)[0] == "vllm's"  # no bias: vLLM's own
+    assert not fused_bias_linear(types.SimpleNamespace(), kernels)
