@@ -244,6 +244,7 @@ VARIANTS: dict[str, dict] = {
     "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
     # experiments from the tower's kernel profile (069763f, docs/exactness.md); unmeasured, not yet exact-checked:
     "exact_fused_bias": {"profile_value": "exact;fused_bias=1"},  # the linear layers' bias inside the Triton GEMM
+    "exact_small_m": {"profile_value": "exact;small_m=1"},  # smaller GEMM tiles for few rows (decode at batch 8)
     "exact_quick_gelu": {"vllm_args": {"compilation_config": {"custom_ops": ["none", "+mm_encoder_attn", "+quick_gelu"]}}},
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }

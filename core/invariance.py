@@ -79,36 +79,3 @@ def single_split_flash_attention(module=None) -> bool:
     module.flash_attn_varlen_func = flash_attn_varlen_func
     return True
 
-
-_LINEAR_MODULE = "vllm.model_executor.layers.linear"  # UnquantizedLinearMethod.apply calls linear_batch_invariant
-
-
-def fused_bias_linear(module=None, kernels=None) -> bool:
-    """An experiment (SPLITVLM_PROFILE "...;fused_bias=1"): vLLM's batch-invariant linear layer with
-    its bias added inside the Triton persistent GEMM, in fp32 before rounding, instead of by a
-    separate bf16 add after it (1.0 of the exact tower's 5.8 ms per image on the H200 at 069763f).
-    Other bits than vLLM's unfused form, and as independent of the batch: each output row is still
-    its own row of the GEMM. module: vllm.model_executor.layers.linear (tests pass their own);
-    kernels: vLLM's batch-invariant module. Returns True when installed; False without one."""
-    if module is None:
-        try:
-            module = importlib.import_module(_LINEAR_MODULE)
-        except ImportError:
-            return False
-    original = getattr(module, "linear_batch_invariant", None)
-    if original is None:
-        return False
-    if getattr(original, "splitvlm_fused_bias", False):
-        return True
-    matmul_persistent = (kernels or _kernels()).matmul_persistent
-
-    def linear_batch_invariant(input, weight, bias=None):
-        if bias is None or input.dim() < 2:
-            return original(input, weight, bias)
-        rows = input.reshape(-1, input.shape[-1])
-        return matmul_persistent(rows, weight.t(), bias=bias).reshape(*input.shape[:-1], weight.shape[0])
-
-    linear_batch_invariant.splitvlm_fused_bias = True  # type: ignore[attr-defined]
-    linear_batch_invariant.__wrapped__ = original  # type: ignore[attr-defined]
-    module.linear_batch_invariant = linear_batch_invariant
-    return True

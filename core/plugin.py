@@ -10,8 +10,8 @@ declared in pyproject.toml), before it builds a model. It reads one documented v
   through vLLM's batch-invariant Triton kernels (core.invariance);
 - under the exact profile, on a GPU, the tower's FlashAttention varlen calls run with one split
   (core.invariance.single_split_flash_attention);
-- with the experiment setting fused_bias=1, on a GPU, vLLM's batch-invariant linear layer adds its
-  bias inside the GEMM (core.invariance.fused_bias_linear).
+- with the experiment settings fused_bias=1 / small_m=1, on a GPU, vLLM's batch-invariant linear
+  layer adds its bias inside the GEMM / uses smaller tiles for few rows (core.invariant_linear).
 
 Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
 splitvlm architecture works and nothing else in vLLM changes.
@@ -75,10 +75,10 @@ def register(kernels: bool = True) -> None:
 
         if torch.cuda.is_available() and single_split_flash_attention():
             _done.add("vision_splits")
-    if kernels and settings.fused_bias and "fused_bias" not in _done:
+    if kernels and (settings.fused_bias or settings.small_m) and "linear" not in _done:
         import torch
 
-        from splitvlm.core.invariance import fused_bias_linear
+        from splitvlm.core.invariant_linear import invariant_linear
 
-        if torch.cuda.is_available() and fused_bias_linear():
-            _done.add("fused_bias")
+        if torch.cuda.is_available() and invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m):
+            _done.add("linear")

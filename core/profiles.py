@@ -92,17 +92,20 @@ class Profile:
 @dataclass(frozen=True)
 class ProcessSettings:
     """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
-    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1" (the overrides are for
-    experiments)."""
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1" (the overrides
+    are for experiments)."""
 
     profile: str = ""
     vision: str = "batched"  # "per_image": the tower sees one image per call
     invariant_matmul: bool = False  # batch-invariant Triton matmuls (GPU only)
     fused_bias: bool = False  # experiment: vLLM's batch-invariant linear adds its bias inside the GEMM (GPU only)
+    small_m: bool = False  # experiment: smaller GEMM tiles for few rows (core.invariant_linear; GPU only)
 
     def value(self) -> str:
         value = f"{self.profile};vision={self.vision};invariant_matmul={int(self.invariant_matmul)}"
-        return value + ";fused_bias=1" if self.fused_bias else value  # unset, the value (and cache keys) as before
+        for name in ("fused_bias", "small_m"):  # unset, the value (and cache keys) as before
+            value += f";{name}=1" if getattr(self, name) else ""
+        return value
 
 
 def settings_from(value: str | None) -> ProcessSettings:
@@ -111,12 +114,13 @@ def settings_from(value: str | None) -> ProcessSettings:
         return ProcessSettings()
     name, *overrides = [part.strip() for part in value.split(";")]
     base = get_profile(name).settings()
-    fields = {"vision": base.vision, "invariant_matmul": base.invariant_matmul, "fused_bias": base.fused_bias}
+    fields = {"vision": base.vision, "invariant_matmul": base.invariant_matmul, "fused_bias": base.fused_bias,
+              "small_m": base.small_m}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: unknown setting {item!r} "
-                                "(use NAME;vision=batched|per_image;invariant_matmul=0|1;fused_bias=0|1)")
+                                "(use NAME;vision=batched|per_image;invariant_matmul=0|1;fused_bias=0|1;small_m=0|1)")
         fields[key] = raw if key == "vision" else raw == "1"
     if fields["vision"] not in ("batched", "per_image"):
         raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: vision must be batched or per_image")

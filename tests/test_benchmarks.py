@@ -236,3 +236,16 @@ def test_profile_tower_sorts_kernels_into_classes_and_measures_each_gap():
                                        "attention": {"ms_per_image": 0.0, "share_of_side": 0.0},
                                        "other": {"ms_per_image": 1.0, "share_of_side": 0.25}}
 
+
+
+def test_gemm_configs_says_in_one_line_that_it_needs_a_gpu(capsys):
+    """The tile-config check runs vLLM's Triton GEMM: without CUDA it stops at once with exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check runs for real (benchmarks/results/gemm_configs.json)")
+    module = bench("gemm_configs")
+    with pytest.raises(SystemExit) as stop:
+        module.main([])
+    assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+    assert module.CANDIDATES["small_m"] is module.SMALL_M_CONFIG  # the config small_m=1 runs is the one checked

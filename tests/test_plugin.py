@@ -197,29 +197,58 @@ def test_fused_bias_is_an_experiment_that_leaves_the_default_value_alone():
     assert fused.fused_bias and fused.invariant_matmul and fused.value().endswith(";fused_bias=1")
     assert settings_from(fused.value()) == fused
     assert not settings_from("exact").fused_bias
+    both = settings_from("exact;small_m=1;fused_bias=1")
+    assert both.small_m and both.fused_bias and settings_from(both.value()) == both
     with pytest.raises(SplitVLMError, match="fused_bias=0"):
         settings_from("exact;fused=1")
 
 
-def test_the_fused_bias_linear_adds_the_bias_in_the_gemm_and_keeps_the_rest():
+def test_the_linear_levers_change_only_what_they_are_asked_to():
+    """fused_bias: the bias inside the one GEMM over all rows; small_m: the small tile for few rows only,
+    with vLLM's separate bias add kept; neither: vLLM's own linear_batch_invariant untouched."""
     import types
 
     import torch
 
-    from splitvlm.core.invariance import fused_bias_linear
+    from splitvlm.core.invariant_linear import SMALL_M, SMALL_M_CONFIG, invariant_linear
 
     calls = []
 
     def matmul_persistent(a, b, bias=None):
-        calls.append((tuple(a.shape), tuple(b.shape), bias is not None))
+        calls.append(("vllm tile", tuple(a.shape), bias is not None))
         return a @ b + (bias if bias is not None else 0)
 
-    module = types.SimpleNamespace(linear_batch_invariant=lambda x, w, b=None: ("vllm's", x.shape))
+    def vllms(x, w, b=None):
+        calls.append(("vllm linear", tuple(x.shape), b is not None))
+        return x @ w.t() + (b if b is not None else 0)
+
     kernels = types.SimpleNamespace(matmul_persistent=matmul_persistent)
-    assert fused_bias_linear(module, kernels) and fused_bias_linear(module, kernels)  # once
+    assert not invariant_linear(types.SimpleNamespace(linear_batch_invariant=vllms), kernels)  # nothing asked
+    fused = types.SimpleNamespace(linear_batch_invariant=vllms)
+    assert invariant_linear(fused, kernels, fused_bias=True) and invariant_linear(fused, kernels, fused_bias=True)
     x, w, b = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
-    out = module.linear_batch_invariant(x, w, b)
-    assert out.shape == (2, 3, 5) and torch.allclose(out, x @ w.t() + b)
-    assert calls == [((6, 4), (4, 5), True)]  # one GEMM over every row, the bias inside it
-    assert module.linear_batch_invariant(x, w)[0] == "vllm's"  # no bias: vLLM's own
-    assert not fused_bias_linear(types.SimpleNamespace(), kernels)
+    out = fused.linear_batch_invariant(x, w, b)
+    assert out.shape == (2, 3, 5) and torch.allclose(out, x @ w.t() + b, atol=1e-5)
+    assert fused.linear_batch_invariant(x, w).shape == (2, 3, 5)
+    assert calls == [("vllm tile", (6, 4), True), ("vllm linear", (2, 3, 4), False)]
+
+    calls.clear()
+    small = types.SimpleNamespace(linear_batch_invariant=vllms)
+    launched = []
+    import splitvlm.core.invariant_linear as module
+
+    def fake_gemm(kernels, a, b, bias=None, config=None):
+        launched.append((tuple(a.shape), bias is not None, config))
+        return a @ b + (bias if bias is not None else 0)
+
+    real, module.persistent_gemm = module.persistent_gemm, fake_gemm
+    try:
+        assert invariant_linear(small, kernels, small_m=True)
+        few, many = torch.randn(SMALL_M, 4), torch.randn(SMALL_M + 1, 4)
+        assert torch.allclose(small.linear_batch_invariant(few, w, b), few @ w.t() + b, atol=1e-5)
+        small.linear_batch_invariant(many, w, b)
+    finally:
+        module.persistent_gemm = real
+    assert launched == [((SMALL_M, 4), False, SMALL_M_CONFIG)]  # the bias added after it, as vLLM does
+    assert calls == [("vllm linear", (SMALL_M + 1, 4), True)]  # many rows: vLLM's own, untouched
+    assert not invariant_linear(types.SimpleNamespace(), kernels, fused_bias=True)

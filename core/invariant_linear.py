@@ -1,0 +1,85 @@
+"""Experiments on vLLM's batch-invariant linear layer: the bias inside the GEMM, and tile shapes chosen by M.
+
+Under VLLM_BATCH_INVARIANT=1, vLLM 0.26 runs every unquantized linear layer through
+`linear_batch_invariant`: its Triton persistent GEMM with one fixed tile (128×128×64 for bf16),
+then the bias in a separate bf16 add. On the H200 at 069763f that was 1.79 of the 2.13 ms per
+image the exact tower spends over vLLM's default tower (docs/exactness.md). Two levers, both off
+by default until a GPU check passes under them (SPLITVLM_PROFILE "...;fused_bias=1;small_m=1"):
+
+- fused_bias: the bias added to the fp32 accumulator inside the GEMM (other bits than the
+  unfused add, and as independent of the batch: a row is still its own row of the GEMM);
+- small_m: for M <= SMALL_M rows (a decode step of a small batch), tiles of SMALL_M_CONFIG,
+  so that more than N/128 programs share the weights. A row's bits stay the same only if the
+  tile shape does not change how each output element is reduced over K (the same BLOCK_SIZE_K
+  and MMA instruction); `benchmarks/gemm_configs.py` checks that bit for bit on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+_LINEAR_MODULE = "vllm.model_executor.layers.linear"  # UnquantizedLinearMethod.apply calls linear_batch_invariant
+SMALL_M = 64
+SMALL_M_CONFIG = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+                  "num_stages": 4, "num_warps": 4}
+
+
+def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                    config: dict | None = None) -> torch.Tensor:
+    """a @ b (+ bias, inside the GEMM) by vLLM's matmul_kernel_persistent with the given tile config;
+    config None: vLLM's own matmul_persistent (its fixed config)."""
+    if config is None:
+        return kernels.matmul_persistent(a, b, bias=bias)
+    kernel = kernels.matmul_kernel_persistent
+    (m, k), n = a.shape, b.shape[1]
+    c = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    meta = {**config, "NUM_SMS": sms, "A_LARGE": a.numel() > 2**31, "B_LARGE": b.numel() > 2**31,
+            "C_LARGE": c.numel() > 2**31, "HAS_BIAS": bias is not None}
+    args = [a, b, c, bias, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)]
+    if "stride_bias" in getattr(kernel, "arg_names", ()):  # vLLM 0.32 has it, 0.26 not
+        args.append(bias.stride(0) if bias is not None else 0)
+    tiles = -(-m // config["BLOCK_SIZE_M"]) * -(-n // config["BLOCK_SIZE_N"])
+    kernel[(min(sms, tiles),)](*args, **meta)
+    return c
+
+
+def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_m: bool = False) -> bool:
+    """Replace vLLM's linear_batch_invariant (in module, vllm.model_executor.layers.linear unless
+    given) by one with the levers asked for; kernels: vLLM's batch-invariant module. Returns True
+    when installed (now or before); False when nothing was asked for or vLLM has no such layer."""
+    if not (fused_bias or small_m):
+        return False
+    if module is None:
+        try:
+            module = importlib.import_module(_LINEAR_MODULE)
+        except ImportError:
+            return False
+    original = getattr(module, "linear_batch_invariant", None)
+    if original is None:
+        return False
+    if getattr(original, "splitvlm_levers", None) is not None:
+        return True
+    if kernels is None:
+        from splitvlm.core.invariance import _kernels
+
+        kernels = _kernels()
+
+    def linear_batch_invariant(input, weight, bias=None):
+        if input.dim() < 2:
+            return original(input, weight, bias)
+        rows = input.reshape(-1, input.shape[-1])
+        config = SMALL_M_CONFIG if small_m and rows.shape[0] <= SMALL_M else None
+        inside = bias if fused_bias else None
+        if config is None and inside is None:
+            return original(input, weight, bias)  # vLLM's own: its tile, its bias add
+        out = persistent_gemm(kernels, rows, weight.t(), inside, config).reshape(*input.shape[:-1], weight.shape[0])
+        return out + bias if bias is not None and inside is None else out  # vLLM's separate add, as it does it
+
+    linear_batch_invariant.splitvlm_levers = {"fused_bias": fused_bias, "small_m": small_m}  # type: ignore[attr-defined]
+    linear_batch_invariant.__wrapped__ = original  # type: ignore[attr-defined]
+    module.linear_batch_invariant = linear_batch_invariant
+    return True
