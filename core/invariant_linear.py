@@ -27,6 +27,15 @@ SMALL_M_CONFIG = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "G
                   "num_stages": 4, "num_warps": 4}
 
 
+def _compute_units(device: int) -> int:
+    """The SM count, as vLLM's own matmul_persistent reads it (a cached call, fine inside torch.compile)."""
+    try:
+        from vllm.utils.platform_utils import num_compute_units
+    except ImportError:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return num_compute_units(device)
+
+
 def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                     config: dict | None = None) -> torch.Tensor:
     """a @ b (+ bias, inside the GEMM) by vLLM's matmul_kernel_persistent with the given tile config;
@@ -36,7 +45,7 @@ def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.
     kernel = kernels.matmul_kernel_persistent
     (m, k), n = a.shape, b.shape[1]
     c = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    sms = _compute_units(a.device.index or 0)
     meta = {**config, "NUM_SMS": sms, "A_LARGE": a.numel() > 2**31, "B_LARGE": b.numel() > 2**31,
             "C_LARGE": c.numel() > 2**31, "HAS_BIAS": bias is not None}
     args = [a, b, c, bias, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)]
