@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -50,6 +52,26 @@ def enable_invariant_matmul() -> bool:
 _FA_MODULE = "vllm.v1.attention.backends.fa_utils"  # where vLLM's ViT wrapper looks up flash_attn_varlen_func per call
 
 
+def wrap_once(module: Any, module_name: str, attr: str, make: Callable, tag: Any = True) -> bool:
+    """Put make(original) in place of module.attr (module_name imported when module is None), once,
+    marked splitvlm_wrap=tag. True when in place, now or before; False when the module or attr is missing."""
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return False
+    original = getattr(module, attr, None)
+    if original is None:
+        return False
+    if getattr(original, "splitvlm_wrap", None) is not None:
+        return True
+    wrapper = make(original)
+    wrapper.splitvlm_wrap = tag
+    wrapper.__wrapped__ = original
+    setattr(module, attr, wrapper)
+    return True
+
+
 def single_split_flash_attention(module=None) -> bool:
     """Make FlashAttention varlen calls that go through vLLM's fa_utils use num_splits=1.
 
@@ -59,23 +81,12 @@ def single_split_flash_attention(module=None) -> bool:
     batch. One split makes each image's attention independent of the others in its call (what
     VLLM_BATCH_INVARIANT does for the language model's FlashAttention). module: fa_utils (tests
     pass their own). Returns True when installed (now or before); False without FlashAttention."""
-    if module is None:
-        try:
-            module = importlib.import_module(_FA_MODULE)
-        except ImportError:
-            return False
-    original = getattr(module, "flash_attn_varlen_func", None)
-    if original is None:
-        return False
-    if getattr(original, "splitvlm_single_split", False):
-        return True
 
-    def flash_attn_varlen_func(*args, **kwargs):
-        kwargs["num_splits"] = 1
-        return original(*args, **kwargs)
+    def make(original):
+        def flash_attn_varlen_func(*args, **kwargs):
+            kwargs["num_splits"] = 1
+            return original(*args, **kwargs)
 
-    flash_attn_varlen_func.splitvlm_single_split = True  # type: ignore[attr-defined]
-    flash_attn_varlen_func.__wrapped__ = original  # type: ignore[attr-defined]
-    module.flash_attn_varlen_func = flash_attn_varlen_func
-    return True
+        return flash_attn_varlen_func
 
+    return wrap_once(module, _FA_MODULE, "flash_attn_varlen_func", make)

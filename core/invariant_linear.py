@@ -16,10 +16,11 @@ by default until a GPU check passes under them (SPLITVLM_PROFILE "...;fused_bias
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
+
+from splitvlm.core.invariance import _kernels, wrap_once
 
 _LINEAR_MODULE = "vllm.model_executor.layers.linear"  # UnquantizedLinearMethod.apply calls linear_batch_invariant
 SMALL_M = 64
@@ -57,38 +58,29 @@ def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.
 
 
 def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_m: bool = False) -> bool:
-    """Replace vLLM's linear_batch_invariant (in module, vllm.model_executor.layers.linear unless
-    given) by one with the levers asked for; kernels: vLLM's batch-invariant module. Returns True
-    when installed (now or before); False when nothing was asked for or vLLM has no such layer."""
+    """Put a linear_batch_invariant with the levers asked for in place of vLLM's (in module,
+    vllm.model_executor.layers.linear unless given); kernels: vLLM's batch-invariant module. True when in place (now or before); False when nothing was
+    asked for or vLLM has no such layer or kernels."""
     if not (fused_bias or small_m):
         return False
-    if module is None:
-        try:
-            module = importlib.import_module(_LINEAR_MODULE)
-        except ImportError:
-            return False
-    original = getattr(module, "linear_batch_invariant", None)
-    if original is None:
+    try:
+        gemm_kernels = kernels or _kernels()  # resolved here: no import inside a compiled model's call
+    except ImportError:
         return False
-    if getattr(original, "splitvlm_levers", None) is not None:
-        return True
-    if kernels is None:
-        from splitvlm.core.invariance import _kernels
 
-        kernels = _kernels()
+    def make(original):
+        def linear_batch_invariant(input, weight, bias=None):
+            if input.dim() < 2:
+                return original(input, weight, bias)
+            rows = input.reshape(-1, input.shape[-1])
+            config = SMALL_M_CONFIG if small_m and rows.shape[0] <= SMALL_M else None
+            inside = bias if fused_bias else None
+            if config is None and inside is None:
+                return original(input, weight, bias)  # vLLM's own: its tile, its bias add
+            out = persistent_gemm(gemm_kernels, rows, weight.t(), inside, config)
+            out = out.reshape(*input.shape[:-1], weight.shape[0])
+            return out + bias if bias is not None and inside is None else out  # vLLM's separate add, as it does it
 
-    def linear_batch_invariant(input, weight, bias=None):
-        if input.dim() < 2:
-            return original(input, weight, bias)
-        rows = input.reshape(-1, input.shape[-1])
-        config = SMALL_M_CONFIG if small_m and rows.shape[0] <= SMALL_M else None
-        inside = bias if fused_bias else None
-        if config is None and inside is None:
-            return original(input, weight, bias)  # vLLM's own: its tile, its bias add
-        out = persistent_gemm(kernels, rows, weight.t(), inside, config).reshape(*input.shape[:-1], weight.shape[0])
-        return out + bias if bias is not None and inside is None else out  # vLLM's separate add, as it does it
+        return linear_batch_invariant
 
-    linear_batch_invariant.splitvlm_levers = {"fused_bias": fused_bias, "small_m": small_m}  # type: ignore[attr-defined]
-    linear_batch_invariant.__wrapped__ = original  # type: ignore[attr-defined]
-    module.linear_batch_invariant = linear_batch_invariant
-    return True
+    return wrap_once(module, _LINEAR_MODULE, "linear_batch_invariant", make, {"fused_bias": fused_bias, "small_m": small_m})
