@@ -43,6 +43,7 @@ from benchmarks.common import (
     write_images,
     write_report,
 )
+from benchmarks.kernel_trace import by_class, gaps, trace_totals
 from splitvlm.core.batching import chunks
 from splitvlm.core.identity import environment
 
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS / "bench_vs_vllm.json"))
     ap.add_argument("--variants", default="exact",
                     help=f"splitvlm sides to time, comma-separated, the first is 'splitvlm' in the report: {', '.join(VARIANTS)}.")
+    ap.add_argument("--kernels", action="store_true",
+                    help="After the timed cells, profile one batch of the smallest-batch cell on each side "
+                         "(vLLM's torch profiler, engine core included) and report kernel time per output step "
+                         "by class (benchmarks.kernel_trace).")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # "reference" or a variant
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -96,6 +101,7 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"encode failed with exit status {rc}")
     plan = {"model": args.model, "store": str(root / "store"), "max_model_len": args.max_model_len,
+            "kernels": str(root / "traces") if args.kernels else None,
             "warm": paths[:warm], "probe": paths[warm:warm + probe], "encode_s": time.perf_counter() - t0, "cells": []}
     lo = warm + probe
     for (max_tokens, batch), jobs in zip(cells, per_cell):
@@ -124,6 +130,14 @@ def _prompts(plan: dict, paths: list[str], tokenizer) -> list[dict]:
     return out
 
 
+def profiler(plan: dict, side_name: str) -> dict:
+    """Engine arguments that let `LLM.start_profile()` trace this side (none without --kernels)."""
+    if not plan.get("kernels"):
+        return {}
+    folder = str(Path(plan["kernels"]) / side_name)
+    return {"profiler_config": {"profiler": "torch", "torch_profiler_dir": folder, "torch_profiler_with_stack": False}}
+
+
 def side(args: argparse.Namespace) -> None:
     """One side in this process: start its engine, warm it up, time every cell."""
     from vllm import SamplingParams
@@ -136,16 +150,17 @@ def side(args: argparse.Namespace) -> None:
 
         cpu = {} if torch.cuda.is_available() else {"gpu_memory_utilization": 0.3}  # a CPU smoke run only
         llm = LLM(model=plan["model"], enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 0},
-                  max_model_len=plan["max_model_len"], seed=0, **cpu)
+                  max_model_len=plan["max_model_len"], seed=0, **cpu, **profiler(plan, args.side))
         generate, tokenizer, settings = llm.generate, llm.get_tokenizer(), {"vllm_defaults": True}
     else:
         from splitvlm.core.config import Config
         from splitvlm.core.engine import Engine
 
-        cfg = Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False,
-                     **variant_setup(args.side))
+        chosen = variant_setup(args.side)
+        chosen["vllm_args"].update(profiler(plan, args.side))
+        cfg = Config(model=plan["model"], max_model_len=plan["max_model_len"], show_progress=False, **chosen)
         engine = Engine(cfg, model_access=False)
-        generate, tokenizer, settings = engine.generate, engine.tokenizer(), engine.reported()
+        llm, generate, tokenizer, settings = engine.llm, engine.generate, engine.tokenizer(), engine.reported()
     start_s = time.perf_counter() - t0
 
     def run(prompts: list[dict], max_tokens: int, batch: int) -> tuple[float, int]:
@@ -170,6 +185,15 @@ def side(args: argparse.Namespace) -> None:
                       "output_tokens_per_s": tokens / seconds, "output_tokens": tokens})
     result = {"side": args.side, "engine_start_s": start_s, "engine": settings, "cells": cells,
               "probe": {"token_ids": together, "batch_invariant": sum(a == b for a, b in zip(together, alone))}}
+    if plan.get("kernels"):  # one batch of the smallest-batch cell, under vLLM's profiler
+        cell = min(plan["cells"], key=lambda c: (c["batch"], c["max_tokens"]))
+        llm.start_profile()
+        generate(_prompts(plan, cell["images"][:cell["batch"]], tokenizer),
+                 SamplingParams(temperature=0.0, max_tokens=cell["max_tokens"], ignore_eos=True, seed=0))
+        llm.stop_profile()
+        totals = trace_totals(Path(plan["kernels"]) / args.side)
+        result["kernels"] = {"batch": cell["batch"], "max_tokens": cell["max_tokens"], "timed": totals["timed"],
+                             "unit": "output step", **by_class(totals["by_name"], cell["max_tokens"])}
     Path(args.plan).with_name(f"{args.side}.json").write_text(json.dumps(result))
 
 
@@ -195,6 +219,9 @@ def summarize(args: argparse.Namespace, argv: list[str] | None, plan: dict, side
             "smoke": args.smoke, "environment": environment(), "encode_s": plan["encode_s"],
             "engines": {name: {k: s[k] for k in ("engine_start_s", "engine")} for name, s in sides.items()},
             "cells": cells, "goal_met": bool(cells) and all(c["goal"]["met"] for c in cells),
+            "kernels": {name: s["kernels"] for name, s in sides.items() if "kernels" in s},
+            "kernel_gaps": {name: gaps(sides["reference"]["kernels"], s["kernels"]) for name, s in sides.items()
+                            if name != "reference" and "kernels" in s and "kernels" in sides.get("reference", {})},
             "cell_order": [[c["max_tokens"], c["batch"]] for c in cells], "ablation": ablation,
             "complete": not failed and len(sides) == 1 + len(args.variants.split(",")), "failed_sides": failed}
 

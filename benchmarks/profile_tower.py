@@ -14,7 +14,6 @@ per class: the class that holds the gap, and what it costs, measured.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,17 +32,9 @@ from benchmarks.common import (
     write_images,
     write_report,
 )
+from benchmarks.kernel_trace import by_class, gaps, kernel_class  # noqa: F401  (kernel_class: tests read it here)
 from splitvlm.core.config import Config
 from splitvlm.core.sources import load_image
-
-# attention first: FlashAttention 3's kernels are CUTLASS kernels too
-CLASSES = (("attention", re.compile(r"flash|fmha|attn|attention|sdpa|softmax", re.I)),
-           ("matmul", re.compile(r"gemm|matmul|cutlass|xmma|cublas|sm90_|nvjet|aten::(add)?mm\b|aten::linear", re.I)))
-
-
-def kernel_class(name: str) -> str:
-    """matmul, attention or other, by the kernel's name."""
-    return next((label for label, pattern in CLASSES if pattern.search(name)), "other")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,30 +70,16 @@ def profile_side(args: argparse.Namespace) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
         _, seconds = encode_batches(engine, prepared, args.batch_patches)
-    kernels = []
+    by_name: dict[str, dict] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0) if gpu else event.self_cpu_time_total
         if us > 0 and (not gpu or str(getattr(event, "device_type", "")).endswith("CUDA")):
-            kernels.append({"name": event.key[:160], "class": kernel_class(event.key), "calls": event.count,
-                            "ms": round(us / 1000, 3)})
-    kernels.sort(key=lambda k: -k["ms"])
-    per_class = {label: 0.0 for label in ("matmul", "attention", "other")}
-    for k in kernels:
-        per_class[k["class"]] += k["ms"]
+            by_name[event.key[:160]] = {"ms": us / 1000, "calls": event.count}
     n = len(prepared)
     return {"variant": args.variant, "device": engine.environment()["device"], "engine": engine.reported(),
             "engine_start_s": round(start_s, 1), "images": n, "wall_s": round(seconds, 4),
             "images_per_s": round(n / seconds, 2), "timed": "device (CUDA) time" if gpu else "CPU self time",
-            "ms_per_image": {label: round(ms / n, 4) for label, ms in per_class.items()},
-            "total_ms_per_image": round(sum(per_class.values()) / n, 4), "top": kernels[:args.top]}
-
-
-def gaps(fast: dict, side: dict) -> dict:
-    """What a side adds over fast per image, by kernel class (ms, and its share of the side's time)."""
-    total = side["total_ms_per_image"] or 1.0
-    return {label: {"ms_per_image": round(ms - fast["ms_per_image"][label], 4),
-                    "share_of_side": round((ms - fast["ms_per_image"][label]) / total, 4)}
-            for label, ms in side["ms_per_image"].items()}
+            "unit": "image", **by_class(by_name, n, args.top)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,11 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"benchmark": "profile_tower", "date": now(), "commit": args.commit,
               "command": command("benchmarks.profile_tower", argv), "sides": sides, "failed_sides": failed,
               "gaps_over_fast": {name: gaps(sides["fast"], side) for name, side in sides.items()
-                                 if name != "fast" and "fast" in sides}}
+                                 if name != "fast" and "fast" in sides}}  # ms per image by class
     path = write_report(report, args.out)
     for name, side in sides.items():
         print(f"{name}: {side['images_per_s']} images/s; ms per image " +
-              ", ".join(f"{k} {v}" for k, v in side["ms_per_image"].items()))
+              ", ".join(f"{k} {v}" for k, v in side["ms_per_unit"].items()))
     print(f"wrote {path}")
     return report
 

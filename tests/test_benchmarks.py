@@ -230,12 +230,16 @@ def test_profile_tower_sorts_kernels_into_classes_and_measures_each_gap():
     assert module.kernel_class("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") \
         == "attention"
     assert module.kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
-    fast = {"ms_per_image": {"matmul": 1.0, "attention": 0.5, "other": 0.5}, "total_ms_per_image": 2.0}
-    side = {"ms_per_image": {"matmul": 2.0, "attention": 0.5, "other": 1.5}, "total_ms_per_image": 4.0}
-    assert module.gaps(fast, side) == {"matmul": {"ms_per_image": 1.0, "share_of_side": 0.25},
-                                       "attention": {"ms_per_image": 0.0, "share_of_side": 0.0},
-                                       "other": {"ms_per_image": 1.0, "share_of_side": 0.25}}
-
+    fast = {"ms_per_unit": {"matmul": 1.0, "attention": 0.5, "other": 0.5}, "total_ms_per_unit": 2.0}
+    side = {"ms_per_unit": {"matmul": 2.0, "attention": 0.5, "other": 1.5}, "total_ms_per_unit": 4.0}
+    assert module.gaps(fast, side) == {"matmul": {"ms": 1.0, "share_of_side": 0.25},
+                                       "attention": {"ms": 0.0, "share_of_side": 0.0},
+                                       "other": {"ms": 1.0, "share_of_side": 0.25}}
+    summary = module.by_class({"matmul_kernel_persistent": {"ms": 6.0, "calls": 3},
+                               "flash_fwd": {"ms": 2.0, "calls": 1}, "add": {"ms": 2.0, "calls": 9}}, per=2, top=2)
+    assert summary["ms_per_unit"] == {"matmul": 3.0, "attention": 1.0, "other": 1.0}
+    assert summary["total_ms_per_unit"] == 5.0 and [k["name"] for k in summary["top"]] == ["matmul_kernel_persistent",
+                                                                                          "flash_fwd"]
 
 
 def test_gemm_configs_says_in_one_line_that_it_needs_a_gpu(capsys):
@@ -260,3 +264,23 @@ def test_bench_serve_measures_other_profiles_against_the_same_baseline():
     assert module.with_profile([], "fast") == ["--profile", "fast"]
     assert module.encode_profile(module.with_profile(["--", "--profile", "x"], "fast")) == ["--profile", "fast"]
     assert module.parse_args(["--model", "m", "--also-profile", "fast"]).also_profile == ["fast"]
+
+
+def test_kernel_trace_reads_torch_profiler_traces(tmp_path):
+    """bench_vs_vllm --kernels reads the trace files vLLM's engine writes (torch.profiler's
+    tensorboard handler); without GPU kernels in them it sums CPU ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    module = bench("kernel_trace")
+    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=tensorboard_trace_handler(str(tmp_path), use_gzip=True)):
+        for _ in range(3):
+            torch.mm(torch.randn(64, 64), torch.randn(64, 64))
+    totals = module.trace_totals(tmp_path)
+    assert totals["timed"] == "cpu_op" and totals["by_name"]["aten::mm"]["calls"] == 3
+    summary = module.by_class(totals["by_name"], per=3)
+    assert summary["ms_per_unit"]["matmul"] > 0 and summary["top"][0]["ms"] > 0
+    assert module.trace_totals(tmp_path / "none") == {"timed": "cpu_op", "by_name": {}}
+    args = bench("bench_vs_vllm").parse_args(["--model", "m", "--kernels"])
+    assert args.kernels and bench("bench_vs_vllm").profiler({"kernels": None}, "exact") == {}
+    assert bench("bench_vs_vllm").profiler({"kernels": "/t"}, "exact")["profiler_config"]["torch_profiler_dir"] == "/t/exact"
