@@ -242,8 +242,8 @@ def test_profile_tower_sorts_kernels_into_classes_and_measures_each_gap():
                                                                                           "flash_fwd"]
 
 
-def test_gemm_configs_says_in_one_line_that_it_needs_a_gpu(capsys):
-    """The tile-config check runs vLLM's Triton GEMM: without CUDA it stops at once with exit 2."""
+def test_the_gpu_kernel_checks_say_in_one_line_that_they_need_a_gpu(capsys):
+    """The tile-config and split checks run vLLM's Triton GEMM and FlashAttention: without CUDA they stop at once with exit 2."""
     import torch
 
     if torch.cuda.is_available():
@@ -253,6 +253,9 @@ def test_gemm_configs_says_in_one_line_that_it_needs_a_gpu(capsys):
         module.main([])
     assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
     assert module.CANDIDATES["small_m"] is module.SMALL_M_CONFIG  # the config small_m=1 runs is the one checked
+    with pytest.raises(SystemExit) as stop:  # the same for the tower FlashAttention's split check
+        bench("fa_splits").main([])
+    assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_bench_serve_measures_other_profiles_against_the_same_baseline():
