@@ -13,7 +13,7 @@ import torch
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, whole_line
 from splitvlm.core.plugin import VARIABLE
-from splitvlm.core.profiles import Profile, get_profile, process_env, settings_from
+from splitvlm.core.profiles import Profile, get_profile, process_env, settings_from, tower_kernels
 
 ENGINE_PROCESS = ("auto", "inprocess", "separate")
 _process_env: dict[str, str] | None = None
@@ -282,5 +282,5 @@ class Engine:
 
         env = environment()
         env["profile"] = self.profile.name
-        env["tower_kernels"] = self.profile.tower_kernels(self.gpu)
+        env["tower_kernels"] = tower_kernels(self.profile.name, self.gpu)
         return env

@@ -59,8 +59,9 @@ def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.
 
 def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_m: bool = False) -> bool:
     """Put a linear_batch_invariant with the levers asked for in place of vLLM's (in module,
-    vllm.model_executor.layers.linear unless given); kernels: vLLM's batch-invariant module. True when in place (now or before); False when nothing was
-    asked for or vLLM has no such layer or kernels."""
+    vllm.model_executor.layers.linear unless given); kernels: vLLM's batch-invariant module. True
+    when in place (now or before); False when nothing was asked for, or vLLM has no such layer or
+    kernels. Entries encoded under a lever record it (core.profiles.tower_kernels)."""
     if not (fused_bias or small_m):
         return False
     try:

@@ -137,6 +137,16 @@ def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
     return env
 
 
+def tower_kernels(profile_name: str, gpu: bool) -> str:
+    """What stored entries record as their tower's kernels in this process: Profile.tower_kernels, and
+    on a GPU the experiment levers of SPLITVLM_PROFILE that change the tower's bits (fused_bias, small_m)."""
+    profile = get_profile(profile_name)
+    given = os.environ.get("SPLITVLM_PROFILE")
+    settings = settings_from(given) if given and settings_from(given).profile == profile.name else profile.settings()
+    levers = [name for name in ("fused_bias", "small_m") if getattr(settings, name)] if gpu and profile.exact else []
+    return "+".join([profile.tower_kernels(gpu), *levers])
+
+
 def vision_mode() -> str:
     """How the tower batches images in this process (the model reads it at each call)."""
     return settings_from(os.environ.get("SPLITVLM_PROFILE")).vision

@@ -15,7 +15,7 @@ from splitvlm.core.batching import chunks
 from splitvlm.core.config import Config
 from splitvlm.core.errors import SplitVLMError, whole_line
 from splitvlm.core.lock import EntryCheck
-from splitvlm.core.profiles import get_profile
+from splitvlm.core.profiles import tower_kernels
 from splitvlm.core.provenance import KeyMaker, explain_misses
 from splitvlm.core.sources import read_bytes
 from splitvlm.decoder.cache import (
@@ -69,7 +69,7 @@ class Decoder:
         if cfg.cache:
             check_cacheable(cfg)
         self.check_entry = EntryCheck(cfg.lock, cfg.allow_mismatch,  # checks the lock itself first
-                                      get_profile(cfg.profile).tower_kernels(torch.cuda.is_available()))
+                                      tower_kernels(cfg.profile, torch.cuda.is_available()))
         self.cfg = cfg
         self.keys = KeyMaker(cfg)
         self._engine = engine

@@ -9,7 +9,7 @@ import torch
 
 from splitvlm.core.errors import SplitVLMError
 from splitvlm.core.lock import EntryCheck
-from splitvlm.core.profiles import get_profile
+from splitvlm.core.profiles import tower_kernels
 from splitvlm.core.provenance import Provenance
 from splitvlm.serve.settings import ServeSettings
 from splitvlm.store import EmbeddingStore, Entry, Expect
@@ -37,7 +37,7 @@ class StoreAccess:
         self.settings = settings
         self.expect = expect
         self.provenance = Provenance(**settings.provenance)
-        self.tower = get_profile(self.provenance.profile).tower_kernels(torch.cuda.is_available())
+        self.tower = tower_kernels(self.provenance.profile, torch.cuda.is_available())
         self.check_entry = EntryCheck(settings.lock, settings.allow_mismatch, self.tower)
         self._environment: dict[str, str] | None = None
 

@@ -203,6 +203,19 @@ def test_fused_bias_is_an_experiment_that_leaves_the_default_value_alone():
         settings_from("exact;fused=1")
 
 
+def test_entries_record_the_levers_that_change_the_towers_bits(monkeypatch):
+    """An entry encoded under an experiment lever records it, so an engine without it refuses the entry."""
+    from splitvlm.core.profiles import tower_kernels
+
+    monkeypatch.delenv("SPLITVLM_PROFILE", raising=False)
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1"
+    assert tower_kernels("exact", gpu=False) == "sdpa-per-image" and tower_kernels("fast", gpu=True) == "vllm-default"
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact;fused_bias=1;small_m=1")
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+fused_bias+small_m"
+    assert tower_kernels("exact", gpu=False) == "sdpa-per-image"  # the levers act on the GPU only
+    assert tower_kernels("fast", gpu=True) == "vllm-default"  # the variable names another profile
+
+
 def test_the_linear_levers_change_only_what_they_are_asked_to():
     """fused_bias: the bias inside the one GEMM over all rows; small_m: the small tile for few rows only,
     with vLLM's separate bias add kept; neither: vLLM's own linear_batch_invariant untouched."""
