@@ -32,13 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import httpx
-except ImportError:  # the GPU machine's vLLM bundle carries it as httpx2
-    import httpx2 as httpx
-
 from benchmarks.common import RESULTS, command, now, sizes_for, write_images, write_report
-from benchmarks.serve_client import body_of, fire
+from benchmarks.serve_client import body_of, fire, httpx
 from benchmarks.servers import Server, free_port, with_port  # noqa: F401  (with_port: tests read it here)
 from splitvlm.core.identity import environment
 

@@ -7,10 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-try:
-    import httpx
-except ImportError:  # the GPU machine's vLLM bundle carries it as httpx2
-    import httpx2 as httpx
+from benchmarks.serve_client import httpx
 
 
 def free_port() -> int:

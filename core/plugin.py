@@ -50,12 +50,15 @@ def register(kernels: bool = True) -> None:
         register_models()
         _done.add("models")
     settings = settings_from(os.environ.get(VARIABLE))
-    if kernels and settings.profile == "exact" and "isa" not in _done:
-        import torch
+    if not kernels:
+        return
+    import torch
 
+    gpu = torch.cuda.is_available()
+    if settings.profile == "exact" and "isa" not in _done:
         from splitvlm.core.profiles import exact_cpu_isa
 
-        cap = {} if torch.cuda.is_available() else exact_cpu_isa()
+        cap = {} if gpu else exact_cpu_isa()
         for name, value in cap.items():  # before vLLM builds the model: oneDNN has not run here yet
             os.environ.setdefault(name, value)
         # Capped, oneDNN no longer asks Linux for AMX tile state, but vLLM's CPU attention runs AMX
@@ -63,22 +66,18 @@ def register(kernels: bool = True) -> None:
         if cap and torch.cpu._is_amx_tile_supported():
             torch.cpu._init_amx()
         _done.add("isa")
-    if kernels and settings.invariant_matmul and "matmul" not in _done:
+    if settings.invariant_matmul and "matmul" not in _done:
         from splitvlm.core.invariance import enable_invariant_matmul
 
         if enable_invariant_matmul():
             _done.add("matmul")
-    if kernels and settings.profile == "exact" and "vision_splits" not in _done:
-        import torch
-
+    if gpu and settings.profile == "exact" and "vision_splits" not in _done:
         from splitvlm.core.invariance import single_split_flash_attention
 
-        if torch.cuda.is_available() and single_split_flash_attention():
+        if single_split_flash_attention():
             _done.add("vision_splits")
-    if kernels and (settings.fused_bias or settings.small_m) and "linear" not in _done:
-        import torch
-
+    if gpu and (settings.fused_bias or settings.small_m) and "linear" not in _done:
         from splitvlm.core.invariant_linear import invariant_linear
 
-        if torch.cuda.is_available() and invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m):
+        if invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m):
             _done.add("linear")

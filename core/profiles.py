@@ -141,8 +141,8 @@ def tower_kernels(profile_name: str, gpu: bool) -> str:
     """What stored entries record as their tower's kernels in this process: Profile.tower_kernels, and
     on a GPU the experiment levers of SPLITVLM_PROFILE that change the tower's bits (fused_bias, small_m)."""
     profile = get_profile(profile_name)
-    given = os.environ.get("SPLITVLM_PROFILE")
-    settings = settings_from(given) if given and settings_from(given).profile == profile.name else profile.settings()
+    given = settings_from(os.environ.get("SPLITVLM_PROFILE"))
+    settings = given if given.profile == profile.name else profile.settings()
     levers = [name for name in ("fused_bias", "small_m") if getattr(settings, name)] if gpu and profile.exact else []
     return "+".join([profile.tower_kernels(gpu), *levers])
 
