@@ -149,7 +149,7 @@ def measure(server: Server, model: str, urls: list[str], warmup: str, max_tokens
     after = counters(server.url) if count else {}
     phases = phase_means(histograms, engine_histograms(server.url))
     return {"counters": {name: after[name] - before[name] for name in after}, "engine_phases": phases,
-            "requests": len(urls), "client_procs": max(1, min(procs, len(urls))), "seconds": round(seconds, 3),
+            "requests": len(urls), "client_procs": max(1, min(procs, len(urls))), "seconds": round(seconds, 4),
             "requests_per_s": round(len(urls) / seconds, 3),
             "ttft_p50_s": round(statistics.median(ordered), 4),
             "ttft_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),

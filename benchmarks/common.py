@@ -245,7 +245,9 @@ VARIANTS: dict[str, dict] = {
     # experiments from the tower's kernel profile (069763f, docs/exactness.md); unmeasured, not yet exact-checked:
     "exact_fused_bias": {"profile_value": "exact;fused_bias=1"},  # the linear layers' bias inside the Triton GEMM
     "exact_small_m": {"profile_value": "exact;small_m=1"},  # smaller GEMM tiles for few rows (decode at batch 8)
-    "exact_quick_gelu": {"vllm_args": {"compilation_config": {"custom_ops": ["none", "+mm_encoder_attn", "+quick_gelu"]}}},
+    "exact_quick_gelu": {"profile_value": "exact;quick_gelu=1"},  # vLLM's CUDA QuickGELU in Qwen2-VL's tower
+    # the tower levers together: the bias inside the GEMM and the CUDA QuickGELU
+    "exact_tower_levers": {"profile_value": "exact;fused_bias=1;quick_gelu=1"},
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }
 

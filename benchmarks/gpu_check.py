@@ -236,6 +236,8 @@ def main() -> None:
     rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
     c.report["environment"] = load(w / "lock.json").get("environment", {}) if (w / "lock.json").exists() else {}
     c.report["lane_omp_threads"] = lane_env()["OMP_NUM_THREADS"]
+    # an experiment's levers (core.profiles.LEVERS) reach every step through the plugin's one variable
+    c.report["splitvlm_profile"] = os.environ.get("SPLITVLM_PROFILE", "")
     c.check("env_lock", rc == 0)
     rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
     c.check("make_model", rc == 0, arch=args.arch)

@@ -13,7 +13,14 @@ import torch
 from splitvlm.core.config import Config
 from splitvlm.core.errors import EngineStartError, SplitVLMError, whole_line
 from splitvlm.core.plugin import VARIABLE
-from splitvlm.core.profiles import Profile, get_profile, process_env, settings_from, tower_kernels
+from splitvlm.core.profiles import (
+    Profile,
+    get_profile,
+    process_env,
+    process_settings,
+    settings_from,
+    tower_kernels,
+)
 
 ENGINE_PROCESS = ("auto", "inprocess", "separate")
 _process_env: dict[str, str] | None = None
@@ -122,7 +129,8 @@ def engine_args(cfg: Config, split_arch: str, gpu: bool, encoder_only: bool = Fa
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
     if cfg.mm_processor_kwargs:
         kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
-    kwargs.update(get_profile(cfg.profile).engine_kwargs(gpu))
+    profile = get_profile(cfg.profile)
+    kwargs.update(profile.engine_kwargs(gpu, process_settings(profile)))
     kwargs.update(cfg.vllm_args)  # checked by core.vllm_args.parse_vllm_args: none is pinned by the profile
     if encoder_only:
         # splitvlm sizes the tower's batches itself (--batch-patches), so vLLM's dummy run of

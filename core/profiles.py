@@ -37,7 +37,8 @@ class Profile:
     prefix_caching: bool
     description: str
 
-    def engine_kwargs(self, gpu: bool) -> dict:
+    def engine_kwargs(self, gpu: bool, settings: ProcessSettings | None = None) -> dict:
+        """vLLM engine arguments under this profile; settings: the process's SPLITVLM_PROFILE (levers)."""
         if not self.exact:
             return {"enable_prefix_caching": self.prefix_caching}
         kwargs: dict = {
@@ -55,7 +56,10 @@ class Profile:
             # kept on is the tower's attention: disabled, it falls back to per-image SDPA whatever
             # mm_encoder_attn_backend says; on, it is FlashAttention varlen, one call for all of a
             # batch's images, with the plugin fixing num_splits at 1 (core.invariance).
-            kwargs["compilation_config"] = {"custom_ops": ["none", "+mm_encoder_attn"]}
+            custom_ops = ["none", "+mm_encoder_attn"]
+            if settings is not None and settings.quick_gelu:  # experiment: vLLM's CUDA QuickGELU in the tower
+                custom_ops.append("+quick_gelu")
+            kwargs["compilation_config"] = {"custom_ops": custom_ops}
             # vLLM 0.26 picks RMSNorm's kernel apart from custom_ops, by "IR op priority": vLLM's CUDA
             # kernel when eager, native torch (batch-invariant mean under VLLM_BATCH_INVARIANT) when
             # compiled. Qwen2.5-VL's tower uses RMSNorm, so the eager encoder and the compiled decoder
@@ -89,21 +93,27 @@ class Profile:
         return env
 
 
+# The exact profile's experiment levers (GPU only, off by default; docs/exactness.md): each changes the
+# tower's bits, so entries made under one record it in tower_kernels.
+LEVERS = ("fused_bias", "small_m", "quick_gelu")
+
+
 @dataclass(frozen=True)
 class ProcessSettings:
     """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
-    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1" (the overrides
-    are for experiments)."""
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1" (the
+    overrides are for experiments)."""
 
     profile: str = ""
     vision: str = "batched"  # "per_image": the tower sees one image per call
     invariant_matmul: bool = False  # batch-invariant Triton matmuls (GPU only)
     fused_bias: bool = False  # experiment: vLLM's batch-invariant linear adds its bias inside the GEMM (GPU only)
     small_m: bool = False  # experiment: smaller GEMM tiles for few rows (core.invariant_linear; GPU only)
+    quick_gelu: bool = False  # experiment: vLLM's CUDA QuickGELU (Qwen2-VL's tower), not native torch (GPU only)
 
     def value(self) -> str:
         value = f"{self.profile};vision={self.vision};invariant_matmul={int(self.invariant_matmul)}"
-        for name in ("fused_bias", "small_m"):  # unset, the value (and cache keys) as before
+        for name in LEVERS:  # unset, the value (and cache keys) as before
             value += f";{name}=1" if getattr(self, name) else ""
         return value
 
@@ -114,17 +124,25 @@ def settings_from(value: str | None) -> ProcessSettings:
         return ProcessSettings()
     name, *overrides = [part.strip() for part in value.split(";")]
     base = get_profile(name).settings()
-    fields = {"vision": base.vision, "invariant_matmul": base.invariant_matmul, "fused_bias": base.fused_bias,
-              "small_m": base.small_m}
+    fields = {"vision": base.vision, "invariant_matmul": base.invariant_matmul,
+              **{name: getattr(base, name) for name in LEVERS}}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: unknown setting {item!r} "
-                                "(use NAME;vision=batched|per_image;invariant_matmul=0|1;fused_bias=0|1;small_m=0|1)")
+                                "(use NAME;vision=batched|per_image;invariant_matmul=0|1;"
+                                + ";".join(f"{name}=0|1" for name in LEVERS) + ")")
         fields[key] = raw if key == "vision" else raw == "1"
     if fields["vision"] not in ("batched", "per_image"):
         raise SplitVLMError(f"SPLITVLM_PROFILE={value!r}: vision must be batched or per_image")
     return ProcessSettings(name, **fields)
+
+
+def process_settings(profile: Profile) -> ProcessSettings:
+    """The settings this process's vLLM runs under for a profile: SPLITVLM_PROFILE's when it names
+    the same profile (an experiment's levers), else the profile's own."""
+    given = settings_from(os.environ.get("SPLITVLM_PROFILE"))
+    return given if given.profile == profile.name else profile.settings()
 
 
 def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
@@ -139,11 +157,10 @@ def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
 
 def tower_kernels(profile_name: str, gpu: bool) -> str:
     """What stored entries record as their tower's kernels in this process: Profile.tower_kernels, and
-    on a GPU the experiment levers of SPLITVLM_PROFILE that change the tower's bits (fused_bias, small_m)."""
+    on a GPU the experiment levers of SPLITVLM_PROFILE, each of which changes the tower's bits (LEVERS)."""
     profile = get_profile(profile_name)
-    given = settings_from(os.environ.get("SPLITVLM_PROFILE"))
-    settings = given if given.profile == profile.name else profile.settings()
-    levers = [name for name in ("fused_bias", "small_m") if getattr(settings, name)] if gpu and profile.exact else []
+    settings = process_settings(profile)
+    levers = [name for name in LEVERS if getattr(settings, name)] if gpu and profile.exact else []
     return "+".join([profile.tower_kernels(gpu), *levers])
 
 

@@ -214,6 +214,28 @@ def test_entries_record_the_levers_that_change_the_towers_bits(monkeypatch):
     assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+fused_bias+small_m"
     assert tower_kernels("exact", gpu=False) == "sdpa-per-image"  # the levers act on the GPU only
     assert tower_kernels("fast", gpu=True) == "vllm-default"  # the variable names another profile
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact;quick_gelu=1")
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+quick_gelu"
+
+
+def test_the_quick_gelu_lever_turns_on_vllms_cuda_quick_gelu_for_every_engine(monkeypatch):
+    """quick_gelu=1 keeps vLLM's QuickGELU custom op on, for the encoder and the decoder alike (the pin
+    that keeps eager and compiled engines equal), and only on a GPU under exact."""
+    from splitvlm.core.config import Config
+    from splitvlm.core.engine import engine_args
+
+    lever = settings_from("exact;quick_gelu=1")
+    assert lever.quick_gelu and settings_from(lever.value()) == lever and lever.value().endswith(";quick_gelu=1")
+    ops = get_profile("exact").engine_kwargs(gpu=True, settings=lever)["compilation_config"]["custom_ops"]
+    assert ops == ["none", "+mm_encoder_attn", "+quick_gelu"]
+    assert "compilation_config" not in get_profile("exact").engine_kwargs(gpu=False, settings=lever)
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact;quick_gelu=1")
+    for encoder_only in (True, False):
+        kwargs = engine_args(Config(model="m", profile="exact"), "Arch", True, encoder_only=encoder_only)
+        assert kwargs["compilation_config"]["custom_ops"][-1] == "+quick_gelu"
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact")
+    assert engine_args(Config(model="m", profile="exact"), "Arch", True)["compilation_config"] == \
+        {"custom_ops": ["none", "+mm_encoder_attn"]}
 
 
 def test_the_linear_levers_change_only_what_they_are_asked_to():
