@@ -10,12 +10,15 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-# splitvlm is imported inside the functions that need it: the peak's child process needs torch alone.
+from splitvlm.core.profiles import get_profile  # no vLLM: the profiles are plain settings
+
+# splitvlm's heavier parts are imported inside the functions that need them: the peak's child process
+# needs torch alone.
 RESULTS = Path(__file__).parent / "results"
 SMOKE_SIZES = [(64, 64), (96, 128), (128, 96), (112, 112)]  # small enough for a 2-core CPU
 
@@ -232,22 +235,26 @@ def goal(value: float, target: float, at_least: bool = True) -> dict:
     return {"value": round(value, 4), "target": f"{'>=' if at_least else '<'} {target}", "met": met}
 
 
+def exact_value(**changes) -> str:
+    """SPLITVLM_PROFILE for the exact profile on a GPU (its default levers on) with some settings changed."""
+    return replace(get_profile("exact").settings(gpu=True), **changes).value()
+
+
 # The exact profile with one lever changed (docs/exactness.md says what each buys), or fast; shared by
 # bench_vs_vllm (decode) and bench_encode --vs-default (the tower). profile_value: SPLITVLM_PROFILE, the
 # plugin's one variable; vllm_args: engine arguments over the profile's own.
 VARIANTS: dict[str, dict] = {
     "exact": {},
-    "exact_cublas": {"profile_value": "exact;invariant_matmul=0"},  # cuBLAS GEMMs, not the invariant Triton ones
+    "exact_cublas": {"profile_value": exact_value(invariant_matmul=False)},  # no aten matmul overrides
     "exact_fa3": {"vllm_args": {"attention_config": {"backend": "FLASH_ATTN"}}},  # LM attention FA3 (num_splits=1)
     # the tower's attention as before 2026-12: per-image SDPA (on the GPU the exact profile runs FA varlen, one split)
     "exact_vision_sdpa": {"vllm_args": {"mm_encoder_attn_backend": "TORCH_SDPA"}},
-    "exact_vision_per_image": {"profile_value": "exact;vision=per_image"},  # the tower one image per call
-    # experiments from the tower's kernel profile (069763f, docs/exactness.md); unmeasured, not yet exact-checked:
-    "exact_fused_bias": {"profile_value": "exact;fused_bias=1"},  # the linear layers' bias inside the Triton GEMM
-    "exact_small_m": {"profile_value": "exact;small_m=1"},  # smaller GEMM tiles for few rows (decode at batch 8)
-    "exact_quick_gelu": {"profile_value": "exact;quick_gelu=1"},  # vLLM's CUDA QuickGELU in Qwen2-VL's tower
-    # the tower levers together: the bias inside the GEMM and the CUDA QuickGELU
-    "exact_tower_levers": {"profile_value": "exact;fused_bias=1;quick_gelu=1"},
+    "exact_vision_per_image": {"profile_value": exact_value(vision="per_image")},  # the tower one image per call
+    # the tower levers on by default on a GPU since fb75764 (core.profiles.EXACT_GPU_LEVERS), off
+    "exact_no_levers": {"profile_value": exact_value(fused_bias=False, quick_gelu=False)},  # the exact tower before
+    "exact_no_fused_bias": {"profile_value": exact_value(fused_bias=False)},  # the bias in a separate bf16 add
+    "exact_no_quick_gelu": {"profile_value": exact_value(quick_gelu=False)},  # native torch QuickGELU
+    "exact_small_m": {"profile_value": exact_value(small_m=True)},  # smaller GEMM tiles for few rows (experiment)
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }
 

@@ -40,7 +40,9 @@ class Check:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.out = Path(args.out)
         self.lock = threading.Lock()
-        self.report: dict = {"command": " ".join(["python -m benchmarks.gpu_check", *sys.argv[1:]]),
+        given = os.environ.get("SPLITVLM_PROFILE")  # an experiment's levers: part of the exact command
+        prefix = [f"SPLITVLM_PROFILE='{given}'"] if given else []
+        self.report: dict = {"command": " ".join([*prefix, "python -m benchmarks.gpu_check", *sys.argv[1:]]),
                              "commit": args.commit or git("rev-parse", "HEAD") or "unknown",
                              "dirty": bool(git("status", "--porcelain")) if not args.commit else "not known (--commit given)",
                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}, "checks": {}}

@@ -130,7 +130,7 @@ def engine_args(cfg: Config, split_arch: str, gpu: bool, encoder_only: bool = Fa
     if cfg.mm_processor_kwargs:
         kwargs["mm_processor_kwargs"] = cfg.mm_processor_kwargs
     profile = get_profile(cfg.profile)
-    kwargs.update(profile.engine_kwargs(gpu, process_settings(profile)))
+    kwargs.update(profile.engine_kwargs(gpu, process_settings(profile, gpu)))
     kwargs.update(cfg.vllm_args)  # checked by core.vllm_args.parse_vllm_args: none is pinned by the profile
     if encoder_only:
         # splitvlm sizes the tower's batches itself (--batch-patches), so vLLM's dummy run of

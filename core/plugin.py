@@ -10,8 +10,9 @@ declared in pyproject.toml), before it builds a model. It reads one documented v
   through vLLM's batch-invariant Triton kernels (core.invariance);
 - under the exact profile, on a GPU, the tower's FlashAttention varlen calls run with one split
   (core.invariance.single_split_flash_attention);
-- with the experiment settings fused_bias=1 / small_m=1, on a GPU, vLLM's batch-invariant linear
-  layer adds its bias inside the GEMM / uses smaller tiles for few rows (core.invariant_linear).
+- with fused_bias=1 (the exact profile's default on a GPU) / small_m=1 (an experiment), on a GPU,
+  vLLM's batch-invariant linear layer adds its bias inside the GEMM / uses smaller tiles for few
+  rows (core.invariant_linear). quick_gelu=1 is an engine argument (Profile.engine_kwargs).
 
 Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
 splitvlm architecture works and nothing else in vLLM changes.

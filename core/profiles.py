@@ -38,7 +38,9 @@ class Profile:
     description: str
 
     def engine_kwargs(self, gpu: bool, settings: ProcessSettings | None = None) -> dict:
-        """vLLM engine arguments under this profile; settings: the process's SPLITVLM_PROFILE (levers)."""
+        """vLLM engine arguments under this profile; settings: the process's (process_settings; by
+        default the profile's own on this device)."""
+        settings = settings or self.settings(gpu)
         if not self.exact:
             return {"enable_prefix_caching": self.prefix_caching}
         kwargs: dict = {
@@ -57,7 +59,7 @@ class Profile:
             # mm_encoder_attn_backend says; on, it is FlashAttention varlen, one call for all of a
             # batch's images, with the plugin fixing num_splits at 1 (core.invariance).
             custom_ops = ["none", "+mm_encoder_attn"]
-            if settings is not None and settings.quick_gelu:  # experiment: vLLM's CUDA QuickGELU in the tower
+            if settings.quick_gelu:  # vLLM's CUDA QuickGELU in Qwen2-VL's tower (EXACT_GPU_LEVERS)
                 custom_ops.append("+quick_gelu")
             kwargs["compilation_config"] = {"custom_ops": custom_ops}
             # vLLM 0.26 picks RMSNorm's kernel apart from custom_ops, by "IR op priority": vLLM's CUDA
@@ -67,8 +69,10 @@ class Profile:
             kwargs["ir_op_priority"] = {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
         return kwargs
 
-    def settings(self) -> ProcessSettings:
-        return ProcessSettings(self.name, self.vision, self.exact)
+    def settings(self, gpu: bool = False) -> ProcessSettings:
+        """The settings vLLM's processes run under: on a GPU, exact turns on EXACT_GPU_LEVERS."""
+        levers = dict.fromkeys(EXACT_GPU_LEVERS, True) if gpu and self.exact else {}
+        return ProcessSettings(self.name, self.vision, self.exact, **levers)
 
     def tower_kernels(self, gpu: bool) -> str:
         """The kernels behind the tower's attention under this profile, recorded with each stored
@@ -81,7 +85,7 @@ class Profile:
         """What vLLM's processes need in their environment: splitvlm's one variable, read by the
         plugin (core.plugin) in every vLLM process, vLLM's own batch-invariant switches on a GPU and
         oneDNN's ISA cap on the CPU (EXACT_CPU_ISA)."""
-        env = {"SPLITVLM_PROFILE": self.settings().value()}
+        env = {"SPLITVLM_PROFILE": self.settings(gpu).value()}
         if self.exact and not gpu:
             env.update(exact_cpu_isa())
         if self.exact and gpu:
@@ -93,27 +97,31 @@ class Profile:
         return env
 
 
-# The exact profile's experiment levers (GPU only, off by default; docs/exactness.md): each changes the
-# tower's bits, so entries made under one record it in tower_kernels.
+# The exact profile's kernel levers on a GPU (docs/exactness.md): each changes the tower's bits, so
+# entries made under one record it in tower_kernels. EXACT_GPU_LEVERS are on by default on a GPU since
+# the GPU check passed 100% under them (fb75764, H200: the tower 0.67 -> 0.82 of vLLM's default on the
+# 512-image mix); small_m stays an experiment (no gain measured). A SPLITVLM_PROFILE value names the
+# levers it turns on: "exact" alone runs none of them (the exact tower before 2026-12-01).
 LEVERS = ("fused_bias", "small_m", "quick_gelu")
+EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
 
 
 @dataclass(frozen=True)
 class ProcessSettings:
     """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
-    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1" (the
-    overrides are for experiments)."""
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1". The
+    value names every lever that is on (Profile.settings(gpu) turns some on by default on a GPU)."""
 
     profile: str = ""
     vision: str = "batched"  # "per_image": the tower sees one image per call
     invariant_matmul: bool = False  # batch-invariant Triton matmuls (GPU only)
-    fused_bias: bool = False  # experiment: vLLM's batch-invariant linear adds its bias inside the GEMM (GPU only)
+    fused_bias: bool = False  # vLLM's batch-invariant linear adds its bias inside the GEMM (GPU only)
     small_m: bool = False  # experiment: smaller GEMM tiles for few rows (core.invariant_linear; GPU only)
-    quick_gelu: bool = False  # experiment: vLLM's CUDA QuickGELU (Qwen2-VL's tower), not native torch (GPU only)
+    quick_gelu: bool = False  # vLLM's CUDA QuickGELU (Qwen2-VL's tower), not native torch (GPU only)
 
     def value(self) -> str:
         value = f"{self.profile};vision={self.vision};invariant_matmul={int(self.invariant_matmul)}"
-        for name in LEVERS:  # unset, the value (and cache keys) as before
+        for name in LEVERS:  # off, the value (and cache keys) as before the levers
             value += f";{name}=1" if getattr(self, name) else ""
         return value
 
@@ -138,11 +146,11 @@ def settings_from(value: str | None) -> ProcessSettings:
     return ProcessSettings(name, **fields)
 
 
-def process_settings(profile: Profile) -> ProcessSettings:
+def process_settings(profile: Profile, gpu: bool) -> ProcessSettings:
     """The settings this process's vLLM runs under for a profile: SPLITVLM_PROFILE's when it names
-    the same profile (an experiment's levers), else the profile's own."""
+    the same profile (an experiment's levers), else the profile's own on this device."""
     given = settings_from(os.environ.get("SPLITVLM_PROFILE"))
-    return given if given.profile == profile.name else profile.settings()
+    return given if given.profile == profile.name else profile.settings(gpu)
 
 
 def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
@@ -157,9 +165,10 @@ def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
 
 def tower_kernels(profile_name: str, gpu: bool) -> str:
     """What stored entries record as their tower's kernels in this process: Profile.tower_kernels, and
-    on a GPU the experiment levers of SPLITVLM_PROFILE, each of which changes the tower's bits (LEVERS)."""
+    on a GPU the levers it runs under (LEVERS; by default EXACT_GPU_LEVERS), each of which changes the
+    tower's bits: "flash-attn-varlen-splits1+fused_bias+quick_gelu" for the exact GPU default."""
     profile = get_profile(profile_name)
-    settings = process_settings(profile)
+    settings = process_settings(profile, gpu)
     levers = [name for name in LEVERS if getattr(settings, name)] if gpu and profile.exact else []
     return "+".join([profile.tower_kernels(gpu), *levers])
 
@@ -177,7 +186,8 @@ PROFILES = {
         prefix_caching=False,
         description="prefix caching off, no processor cache, per-image SDPA vision attention on the CPU; "
         "on a GPU FlashAttention varlen vision attention with num_splits=1, Triton attention, "
-        "VLLM_BATCH_INVARIANT=1 and batch-invariant Triton matmuls",
+        "VLLM_BATCH_INVARIANT=1, batch-invariant Triton matmuls with the bias inside the GEMM "
+        "and vLLM's CUDA QuickGELU",
     ),
     "fast": Profile(
         name="fast",

@@ -108,7 +108,7 @@ def test_bench_vs_vllm_variants_are_real_settings():
     module = bench("bench_vs_vllm")
     for name, variant in module.VARIANTS.items():
         if "profile_value" in variant:
-            assert settings_from(variant["profile_value"]) != settings_from("exact"), name
+            assert settings_from(variant["profile_value"]) != PROFILES["exact"].settings(gpu=True), name
         assert set(variant.get("vllm_args", {})) <= set(EngineArgs.__dataclass_fields__), name
         assert variant.get("profile", "exact") in PROFILES, name
     with pytest.raises(SystemExit):

@@ -56,8 +56,9 @@ def test_exact_gpu_engines_pick_the_same_kernels_eager_or_compiled():
     from vllm.engine.arg_utils import EngineArgs
 
     kwargs = get_profile("exact").engine_kwargs(gpu=True)
-    # every custom op off but the tower's attention, which off would be per-image SDPA whatever its backend
-    assert kwargs["compilation_config"] == {"custom_ops": ["none", "+mm_encoder_attn"]}
+    # every custom op off but the tower's attention, which off would be per-image SDPA whatever its
+    # backend, and QuickGELU (a default lever on a GPU: vLLM's CUDA kernel in both engines)
+    assert kwargs["compilation_config"] == {"custom_ops": ["none", "+mm_encoder_attn", "+quick_gelu"]}
     assert kwargs["mm_encoder_attn_backend"] == "FLASH_ATTN"
     assert get_profile("exact").engine_kwargs(gpu=False)["mm_encoder_attn_backend"] == "TORCH_SDPA"
     assert kwargs["ir_op_priority"] == {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
@@ -189,14 +190,21 @@ def test_the_engine_reports_how_its_towers_attention_runs(engine):
     assert method in ("forward_cpu", "forward_native") and backend == "TORCH_SDPA"
 
 
-def test_fused_bias_is_an_experiment_that_leaves_the_default_value_alone():
-    """fused_bias=1 puts the linear layers' bias inside the batch-invariant GEMM (an experiment from the
-    tower's kernel profile); unset, SPLITVLM_PROFILE's value, which result-cache keys hold, is as before."""
+def test_the_tower_levers_are_on_by_default_on_a_gpu_only():
+    """fused_bias=1 puts the linear layers' bias inside the batch-invariant GEMM, quick_gelu=1 runs vLLM's
+    CUDA QuickGELU: on by default under exact on a GPU (the GPU check passed 100% under them at fb75764),
+    named in the value so that result-cache keys change with them; on the CPU the value is as before."""
+    from splitvlm.core.profiles import EXACT_GPU_LEVERS
+
     assert get_profile("exact").settings().value() == "exact;vision=batched;invariant_matmul=1"
-    fused = settings_from("exact;fused_bias=1")
-    assert fused.fused_bias and fused.invariant_matmul and fused.value().endswith(";fused_bias=1")
-    assert settings_from(fused.value()) == fused
-    assert not settings_from("exact").fused_bias
+    gpu = get_profile("exact").settings(gpu=True)
+    assert gpu.fused_bias and gpu.quick_gelu and not gpu.small_m and EXACT_GPU_LEVERS == ("fused_bias", "quick_gelu")
+    assert gpu.value() == "exact;vision=batched;invariant_matmul=1;fused_bias=1;quick_gelu=1"
+    assert settings_from(gpu.value()) == gpu  # the value names every lever that is on
+    assert get_profile("exact").env(gpu=True)["SPLITVLM_PROFILE"] == gpu.value()
+    assert get_profile("exact").env(gpu=False)["SPLITVLM_PROFILE"] == "exact;vision=batched;invariant_matmul=1"
+    assert get_profile("fast").settings(gpu=True) == settings_from("fast")  # fast: vLLM's defaults, no levers
+    assert not settings_from("exact").fused_bias  # a value without a lever runs without it
     both = settings_from("exact;small_m=1;fused_bias=1")
     assert both.small_m and both.fused_bias and settings_from(both.value()) == both
     with pytest.raises(SplitVLMError, match="fused_bias=0"):
@@ -208,7 +216,7 @@ def test_entries_record_the_levers_that_change_the_towers_bits(monkeypatch):
     from splitvlm.core.profiles import tower_kernels
 
     monkeypatch.delenv("SPLITVLM_PROFILE", raising=False)
-    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1"
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+fused_bias+quick_gelu"
     assert tower_kernels("exact", gpu=False) == "sdpa-per-image" and tower_kernels("fast", gpu=True) == "vllm-default"
     monkeypatch.setenv("SPLITVLM_PROFILE", "exact;fused_bias=1;small_m=1")
     assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+fused_bias+small_m"
@@ -216,11 +224,13 @@ def test_entries_record_the_levers_that_change_the_towers_bits(monkeypatch):
     assert tower_kernels("fast", gpu=True) == "vllm-default"  # the variable names another profile
     monkeypatch.setenv("SPLITVLM_PROFILE", "exact;quick_gelu=1")
     assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+quick_gelu"
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact")  # the exact GPU tower before 2026-12-01
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1"
 
 
 def test_the_quick_gelu_lever_turns_on_vllms_cuda_quick_gelu_for_every_engine(monkeypatch):
     """quick_gelu=1 keeps vLLM's QuickGELU custom op on, for the encoder and the decoder alike (the pin
-    that keeps eager and compiled engines equal), and only on a GPU under exact."""
+    that keeps eager and compiled engines equal), and only on a GPU under exact (there by default)."""
     from splitvlm.core.config import Config
     from splitvlm.core.engine import engine_args
 
@@ -233,9 +243,13 @@ def test_the_quick_gelu_lever_turns_on_vllms_cuda_quick_gelu_for_every_engine(mo
     for encoder_only in (True, False):
         kwargs = engine_args(Config(model="m", profile="exact"), "Arch", True, encoder_only=encoder_only)
         assert kwargs["compilation_config"]["custom_ops"][-1] == "+quick_gelu"
-    monkeypatch.setenv("SPLITVLM_PROFILE", "exact")
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact")  # a value without the lever
     assert engine_args(Config(model="m", profile="exact"), "Arch", True)["compilation_config"] == \
         {"custom_ops": ["none", "+mm_encoder_attn"]}
+    monkeypatch.delenv("SPLITVLM_PROFILE")  # the profile's own: on by default on a GPU, never on the CPU
+    assert engine_args(Config(model="m", profile="exact"), "Arch", True)["compilation_config"]["custom_ops"][-1] == \
+        "+quick_gelu"
+    assert "compilation_config" not in engine_args(Config(model="m", profile="exact"), "Arch", False)
 
 
 def test_the_linear_levers_change_only_what_they_are_asked_to():
