@@ -255,6 +255,7 @@ VARIANTS: dict[str, dict] = {
     "exact_no_fused_bias": {"profile_value": exact_value(fused_bias=False)},  # the bias in a separate bf16 add
     "exact_no_quick_gelu": {"profile_value": exact_value(quick_gelu=False)},  # native torch QuickGELU
     "exact_small_m": {"profile_value": exact_value(small_m=True)},  # smaller GEMM tiles for few rows (experiment)
+    "exact_large_m": {"profile_value": exact_value(large_m=True)},  # a wider GEMM tile for the tower (experiment)
     "fast": {"profile": "fast"},  # vLLM's defaults behind splitvlm's Engine
 }
 

@@ -7,8 +7,9 @@ input is multiplied by vLLM's own `matmul_persistent` (its fixed 128×128×64 ti
 Then the first M rows (M = 1 ... 4,096) go through `matmul_kernel_persistent` under each candidate
 tile config (core.invariant_linear.persistent_gemm), with and without the bias inside, and every
 output row is compared bit for bit with the same row of the reference. A config whose rows always
-match can be chosen by M without changing any answer (core.invariant_linear's small_m); the
-report gives each config's verdict and its time per call against vLLM's tile at M = 8 and 64.
+match can be chosen by M without changing any answer (core.invariant_linear's small_m and
+large_m); the report gives each config's verdict and its time per call against vLLM's tile at
+M = 8 and 64 (a decode step) and 4,096 and 16,384 (the tower's batches).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from functools import partial
 import torch
 
 from benchmarks.common import RESULTS, command, now, write_report
-from splitvlm.core.invariant_linear import SMALL_M_CONFIG, persistent_gemm
+from splitvlm.core.invariant_linear import LARGE_M_CONFIG, SMALL_M_CONFIG, persistent_gemm
 
 # (name, K, N) of the 2B model's linear layers: language model (hidden 1536, MLP 8960, 2 KV heads of
 # 128) and tower (1280 wide, MLP 5120)
@@ -28,7 +29,7 @@ SHAPES = (("lm.qkv", 1536, 2048), ("lm.o_proj", 1536, 1536), ("lm.gate_up", 1536
           ("lm.down", 8960, 1536), ("tower.qkv", 1280, 3840), ("tower.proj", 1280, 1280),
           ("tower.fc1", 1280, 5120), ("tower.fc2", 5120, 1280))
 ROWS = (1, 8, 32, 64, 256, 1024, 4096)
-TIMED_ROWS = (8, 64)
+TIMED_ROWS = (8, 64, 4096, 16384)
 
 
 def tile(m: int, n: int, k: int, stages: int, warps: int) -> dict:
@@ -42,7 +43,10 @@ CANDIDATES = {
     "64x32x64": tile(64, 32, 64, 4, 4),
     "64x128x64": tile(64, 128, 64, 4, 4),
     "128x64x64": tile(128, 64, 64, 3, 8),
-    "64x64x128": tile(64, 64, 128, 3, 4),  # another BLOCK_SIZE_K: expected to differ
+    "64x64x128": tile(64, 64, 128, 3, 4),  # another BLOCK_SIZE_K: kept vLLM's bits too at fb75764
+    "large_m": LARGE_M_CONFIG,
+    "256x128x64": tile(256, 128, 64, 3, 8),
+    "128x256x64_s4": tile(128, 256, 64, 4, 8),
 }
 
 
@@ -78,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     verdicts = {name: {"rows_identical": True, "mismatches": []} for name in CANDIDATES}
     times: dict[str, dict] = {}
     for shape, k, n in SHAPES:
-        a = torch.randn(ROWS[-1], k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        a = torch.randn(max(ROWS[-1], *TIMED_ROWS), k, device="cuda", dtype=torch.bfloat16, generator=gen)
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen).t()  # a weight, transposed as vLLM does
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
-        ref, ref_bias = persistent_gemm(kernels, a, b), persistent_gemm(kernels, a, b, bias)
+        ref, ref_bias = persistent_gemm(kernels, a[:ROWS[-1]], b), persistent_gemm(kernels, a[:ROWS[-1]], b, bias)
         for name, config in CANDIDATES.items():
             for m in ROWS:
                 for with_bias, want in ((False, ref), (True, ref_bias)):

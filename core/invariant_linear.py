@@ -1,17 +1,20 @@
-"""Experiments on vLLM's batch-invariant linear layer: the bias inside the GEMM, and tile shapes chosen by M.
+"""Levers on vLLM's batch-invariant linear layer: the bias inside the GEMM, and tile shapes chosen by M.
 
 Under VLLM_BATCH_INVARIANT=1, vLLM 0.26 runs every unquantized linear layer through
 `linear_batch_invariant`: its Triton persistent GEMM with one fixed tile (128×128×64 for bf16),
 then the bias in a separate bf16 add. On the H200 at 069763f that was 1.79 of the 2.13 ms per
-image the exact tower spends over vLLM's default tower (docs/exactness.md). Two levers, both off
-by default until a GPU check passes under them (SPLITVLM_PROFILE "...;fused_bias=1;small_m=1"):
+image the exact tower spends over vLLM's default tower (docs/exactness.md). The levers
+(SPLITVLM_PROFILE "...;fused_bias=1;small_m=1;large_m=1"):
 
-- fused_bias: the bias added to the fp32 accumulator inside the GEMM (other bits than the
-  unfused add, and as independent of the batch: a row is still its own row of the GEMM);
-- small_m: for M <= SMALL_M rows (a decode step of a small batch), tiles of SMALL_M_CONFIG,
-  so that more than N/128 programs share the weights. A row's bits stay the same only if the
-  tile shape does not change how each output element is reduced over K (the same BLOCK_SIZE_K
-  and MMA instruction); `benchmarks/gemm_configs.py` checks that bit for bit on the GPU.
+- fused_bias (the exact profile's default on a GPU since the GPU check passed under it at
+  fb75764): the bias added to the fp32 accumulator inside the GEMM (other bits than the unfused
+  add, and as independent of the batch: a row is still its own row of the GEMM);
+- small_m (experiment; no gain at batch 8, fb75764): for M <= SMALL_M rows, tiles of SMALL_M_CONFIG;
+- large_m (experiment, not yet run on a GPU): for M >= LARGE_M rows (the tower's batches), tiles
+  of LARGE_M_CONFIG.
+A row's bits stay the same under another tile only if it does not change how each output element
+is reduced over K (the same K order and MMA instruction); `benchmarks/gemm_configs.py` checks that
+bit for bit on the GPU (every tile tried at fb75764 kept vLLM's bits).
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ _LINEAR_MODULE = "vllm.model_executor.layers.linear"  # UnquantizedLinearMethod.
 SMALL_M = 64
 SMALL_M_CONFIG = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
                   "num_stages": 4, "num_warps": 4}
+# large_m: a wider tile for the tower's GEMMs (thousands of patch rows per call). At fb75764 every tile
+# tried gave each row vLLM's bits (benchmarks/results/gemm_configs_h200_fb75764.json: the K loop feeds
+# the same MMA accumulation whatever the tile); gemm_configs checks and times this one too.
+LARGE_M = 1024
+LARGE_M_CONFIG = {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+                  "num_stages": 3, "num_warps": 8}
+
+
+def tile_for(rows: int, small_m: bool = False, large_m: bool = False) -> dict | None:
+    """The tile config the levers give a GEMM of this many rows; None: vLLM's own fixed tile."""
+    if small_m and rows <= SMALL_M:
+        return SMALL_M_CONFIG
+    if large_m and rows >= LARGE_M:
+        return LARGE_M_CONFIG
+    return None
 
 
 def _compute_units(device: int) -> int:
@@ -57,12 +75,13 @@ def persistent_gemm(kernels: Any, a: torch.Tensor, b: torch.Tensor, bias: torch.
     return c
 
 
-def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_m: bool = False) -> bool:
+def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_m: bool = False,
+                     large_m: bool = False) -> bool:
     """Put a linear_batch_invariant with the levers asked for in place of vLLM's (in module,
     vllm.model_executor.layers.linear unless given); kernels: vLLM's batch-invariant module. True
     when in place (now or before); False when nothing was asked for, or vLLM has no such layer or
     kernels. Entries encoded under a lever record it (core.profiles.tower_kernels)."""
-    if not (fused_bias or small_m):
+    if not (fused_bias or small_m or large_m):
         return False
     try:
         gemm_kernels = kernels or _kernels()  # resolved here: no import inside a compiled model's call
@@ -74,7 +93,7 @@ def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_
             if input.dim() < 2:
                 return original(input, weight, bias)
             rows = input.reshape(-1, input.shape[-1])
-            config = SMALL_M_CONFIG if small_m and rows.shape[0] <= SMALL_M else None
+            config = tile_for(rows.shape[0], small_m, large_m)
             inside = bias if fused_bias else None
             if config is None and inside is None:
                 return original(input, weight, bias)  # vLLM's own: its tile, its bias add
@@ -84,4 +103,5 @@ def invariant_linear(module=None, kernels=None, fused_bias: bool = False, small_
 
         return linear_batch_invariant
 
-    return wrap_once(module, _LINEAR_MODULE, "linear_batch_invariant", make, {"fused_bias": fused_bias, "small_m": small_m})
+    levers = {"fused_bias": fused_bias, "small_m": small_m, "large_m": large_m}
+    return wrap_once(module, _LINEAR_MODULE, "linear_batch_invariant", make, levers)

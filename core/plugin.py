@@ -10,9 +10,10 @@ declared in pyproject.toml), before it builds a model. It reads one documented v
   through vLLM's batch-invariant Triton kernels (core.invariance);
 - under the exact profile, on a GPU, the tower's FlashAttention varlen calls run with one split
   (core.invariance.single_split_flash_attention);
-- with fused_bias=1 (the exact profile's default on a GPU) / small_m=1 (an experiment), on a GPU,
-  vLLM's batch-invariant linear layer adds its bias inside the GEMM / uses smaller tiles for few
-  rows (core.invariant_linear). quick_gelu=1 is an engine argument (Profile.engine_kwargs).
+- with fused_bias=1 (the exact profile's default on a GPU) / small_m=1 / large_m=1 (experiments),
+  on a GPU, vLLM's batch-invariant linear layer adds its bias inside the GEMM / uses smaller tiles
+  for few rows / wider tiles for many (core.invariant_linear). quick_gelu=1 is an engine argument
+  (Profile.engine_kwargs).
 
 Without the variable the plugin registers the model classes only, so a plain `vllm serve` of a
 splitvlm architecture works and nothing else in vLLM changes.
@@ -77,8 +78,8 @@ def register(kernels: bool = True) -> None:
 
         if single_split_flash_attention():
             _done.add("vision_splits")
-    if gpu and (settings.fused_bias or settings.small_m) and "linear" not in _done:
+    if gpu and (settings.fused_bias or settings.small_m or settings.large_m) and "linear" not in _done:
         from splitvlm.core.invariant_linear import invariant_linear
 
-        if invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m):
+        if invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m, large_m=settings.large_m):
             _done.add("linear")

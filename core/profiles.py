@@ -100,16 +100,16 @@ class Profile:
 # The exact profile's kernel levers on a GPU (docs/exactness.md): each changes the tower's bits, so
 # entries made under one record it in tower_kernels. EXACT_GPU_LEVERS are on by default on a GPU since
 # the GPU check passed 100% under them (fb75764, H200: the tower 0.67 -> 0.82 of vLLM's default on the
-# 512-image mix); small_m stays an experiment (no gain measured). A SPLITVLM_PROFILE value names the
+# 512-image mix); small_m (no gain measured) and large_m (not yet run) are experiments. A SPLITVLM_PROFILE value names the
 # levers it turns on: "exact" alone runs none of them (the exact tower before 2026-12-01).
-LEVERS = ("fused_bias", "small_m", "quick_gelu")
+LEVERS = ("fused_bias", "small_m", "quick_gelu", "large_m")
 EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
 
 
 @dataclass(frozen=True)
 class ProcessSettings:
     """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
-    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1". The
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1;large_m=1". The
     value names every lever that is on (Profile.settings(gpu) turns some on by default on a GPU)."""
 
     profile: str = ""
@@ -118,6 +118,7 @@ class ProcessSettings:
     fused_bias: bool = False  # vLLM's batch-invariant linear adds its bias inside the GEMM (GPU only)
     small_m: bool = False  # experiment: smaller GEMM tiles for few rows (core.invariant_linear; GPU only)
     quick_gelu: bool = False  # vLLM's CUDA QuickGELU (Qwen2-VL's tower), not native torch (GPU only)
+    large_m: bool = False  # experiment: a wider GEMM tile for many rows (the tower; core.invariant_linear; GPU only)
 
     def value(self) -> str:
         value = f"{self.profile};vision={self.vision};invariant_matmul={int(self.invariant_matmul)}"

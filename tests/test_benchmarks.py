@@ -253,6 +253,7 @@ def test_the_gpu_kernel_checks_say_in_one_line_that_they_need_a_gpu(capsys):
         module.main([])
     assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
     assert module.CANDIDATES["small_m"] is module.SMALL_M_CONFIG  # the config small_m=1 runs is the one checked
+    assert module.CANDIDATES["large_m"] is module.LARGE_M_CONFIG and 16384 in module.TIMED_ROWS  # the tower's M
     with pytest.raises(SystemExit) as stop:  # the same for the tower FlashAttention's split check
         bench("fa_splits").main([])
     assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err

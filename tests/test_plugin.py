@@ -301,3 +301,43 @@ def test_the_linear_levers_change_only_what_they_are_asked_to():
     assert launched == [((SMALL_M, 4), False, SMALL_M_CONFIG)]  # the bias added after it, as vLLM does
     assert calls == [("vllm linear", (SMALL_M + 1, 4), True)]  # many rows: vLLM's own, untouched
     assert not invariant_linear(types.SimpleNamespace(), kernels, fused_bias=True)
+
+
+def test_the_tile_levers_pick_a_tile_by_the_gemms_rows(monkeypatch):
+    """small_m: the small tile up to SMALL_M rows; large_m: the wide tile from LARGE_M rows (the tower's
+    batches); between them, or without the lever, vLLM's own tile. large_m is recorded like every lever."""
+    import types
+
+    import torch
+
+    import splitvlm.core.invariant_linear as module
+    from splitvlm.core.invariant_linear import (
+        LARGE_M,
+        LARGE_M_CONFIG,
+        SMALL_M,
+        SMALL_M_CONFIG,
+        tile_for,
+    )
+    from splitvlm.core.profiles import tower_kernels
+
+    assert tile_for(SMALL_M, small_m=True) is SMALL_M_CONFIG and tile_for(SMALL_M, large_m=True) is None
+    assert tile_for(LARGE_M, large_m=True) is LARGE_M_CONFIG and tile_for(LARGE_M - 1, True, True) is None
+    assert tile_for(LARGE_M, small_m=True) is None and tile_for(1) is None
+    assert LARGE_M_CONFIG["BLOCK_SIZE_K"] == SMALL_M_CONFIG["BLOCK_SIZE_K"] == 64  # vLLM's K step
+    launched = []
+
+    def fake_gemm(kernels, a, b, bias=None, config=None):
+        launched.append((a.shape[0], bias is not None, config))
+        return a @ b + (bias if bias is not None else 0)
+
+    monkeypatch.setattr(module, "persistent_gemm", fake_gemm)
+    vllms = types.SimpleNamespace(linear_batch_invariant=lambda x, w, b=None: x @ w.t() + (b if b is not None else 0))
+    assert module.invariant_linear(vllms, types.SimpleNamespace(), large_m=True)
+    w, b = torch.randn(5, 4), torch.randn(5)
+    many = torch.randn(LARGE_M, 4)
+    assert torch.allclose(vllms.linear_batch_invariant(many, w, b), many @ w.t() + b, atol=1e-5)
+    vllms.linear_batch_invariant(torch.randn(8, 4), w, b)  # few rows: vLLM's own
+    assert launched == [(LARGE_M, False, LARGE_M_CONFIG)]  # the bias added after, as vLLM does
+    monkeypatch.setenv("SPLITVLM_PROFILE", "exact;large_m=1")
+    assert tower_kernels("exact", gpu=True) == "flash-attn-varlen-splits1+large_m"
+    assert settings_from("exact;large_m=1").value().endswith(";large_m=1")
