@@ -99,9 +99,10 @@ class Profile:
 
 # The exact profile's kernel levers on a GPU (docs/exactness.md): each changes the tower's bits, so
 # entries made under one record it in tower_kernels. EXACT_GPU_LEVERS are on by default on a GPU since
-# the GPU check passed 100% under them (fb75764, H200: the tower 0.67 -> 0.82 of vLLM's default on the
-# 512-image mix); small_m (no gain measured) and large_m (not yet run) are experiments. A SPLITVLM_PROFILE value names the
-# levers it turns on: "exact" alone runs none of them (the exact tower before 2026-12-01).
+# the GPU check passed every exactness check under them (fb75764, H200; the tower went from 0.67 to
+# 0.82 of vLLM's default on the 512-image mix); small_m (no gain measured) and large_m (not yet run)
+# are experiments. A SPLITVLM_PROFILE value names the levers it turns on: "exact" alone runs none of
+# them (the exact GPU tower before 2026-12-01).
 LEVERS = ("fused_bias", "small_m", "quick_gelu", "large_m")
 EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
 
@@ -109,8 +110,8 @@ EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
 @dataclass(frozen=True)
 class ProcessSettings:
     """A profile's settings as vLLM's processes read them: the value of SPLITVLM_PROFILE,
-    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1;large_m=1". The
-    value names every lever that is on (Profile.settings(gpu) turns some on by default on a GPU)."""
+    "NAME" or "NAME;vision=per_image;invariant_matmul=0;fused_bias=1;small_m=1;quick_gelu=1;large_m=1".
+    The value names every lever that is on (Profile.settings(gpu) turns some on by default on a GPU)."""
 
     profile: str = ""
     vision: str = "batched"  # "per_image": the tower sees one image per call
