@@ -192,8 +192,9 @@ def test_the_engine_reports_how_its_towers_attention_runs(engine):
 
 def test_the_tower_levers_are_on_by_default_on_a_gpu_only():
     """fused_bias=1 puts the linear layers' bias inside the batch-invariant GEMM, quick_gelu=1 runs vLLM's
-    CUDA QuickGELU: on by default under exact on a GPU (every exactness check of the GPU check passed under them at fb75764),
-    named in the value so that result-cache keys change with them; on the CPU the value is as before."""
+    CUDA QuickGELU: on by default under exact on a GPU (every exactness check of the GPU check passed
+    under them at fb75764), named in the value so that result-cache keys change with them; on the CPU
+    the value is as before."""
     from splitvlm.core.profiles import EXACT_GPU_LEVERS
 
     assert get_profile("exact").settings().value() == "exact;vision=batched;invariant_matmul=1"
