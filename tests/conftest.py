@@ -43,3 +43,26 @@ def engine(tiny_model):
     from splitvlm.core.engine import Engine
 
     return Engine(Config(model=tiny_model, max_model_len=2048, show_progress=False))
+
+
+@pytest.fixture()
+def cli_run(engine, monkeypatch):
+    """The CLI in this process, on the session's one engine: every engine it asks for is that one
+    (cli_run.asked lists the asks). Tests of a process's own start run the CLI in a subprocess instead."""
+    from click.testing import CliRunner
+
+    from splitvlm.cli.main import cli
+
+    asked: list[dict] = []
+
+    def shared(*args, **kwargs):
+        asked.append(kwargs)
+        return engine
+
+    monkeypatch.setattr("splitvlm.core.engine.Engine", shared)
+
+    def invoke(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    invoke.asked = asked
+    return invoke

@@ -164,11 +164,13 @@ def splitvlm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "1"})
 
 
-def test_cli_second_run_is_all_cached(cfg, jobs_file, tmp_path):
+def test_cli_second_run_is_all_cached(cfg, jobs_file, cli_run, tmp_path):
+    """The first run in this process on the shared engine; the second, all from the cache, in its own
+    process, which must not start vLLM's engine at all."""
     common = ["decode", "--model", cfg.model, "--store", cfg.store, "--jobs", jobs_file, "--max-tokens", "8",
               "--max-model-len", "2048", "--no-progress", "--cache"]
-    first = splitvlm(*common, "--out", str(tmp_path / "1.jsonl"))
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = cli_run(*common, "--out", tmp_path / "1.jsonl")
+    assert first.exit_code == 0, first.stderr[-2000:]
     second = splitvlm(*common, "--out", str(tmp_path / "2.jsonl"))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "decoded 4/4 jobs, 4 from the cache" in second.stdout

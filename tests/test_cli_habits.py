@@ -36,10 +36,9 @@ def cfg(tiny_model, engine, images, tmp_path):
 
 
 @pytest.fixture()
-def run(engine, monkeypatch):
-    """The CLI in this process; every vLLM engine it asks for is the session's one."""
-    monkeypatch.setattr("splitvlm.core.engine.Engine", lambda *a, **k: engine)
-    return lambda *args: CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+def run(cli_run):
+    """The CLI in this process; every vLLM engine it asks for is the session's one (conftest)."""
+    return cli_run
 
 
 @pytest.fixture()

@@ -78,7 +78,7 @@ def test_tampered_cached_result_is_not_served_and_store_check_names_it(store, en
     assert again.finish_reason == first.finish_reason and again.prompt_tokens == first.prompt_tokens
 
 
-def test_one_bad_job_never_sinks_the_decode(store, tiny_model, images, tmp_path):
+def test_one_bad_job_never_sinks_the_decode(store, tiny_model, images, cli_run, tmp_path):
     """Failure 4 (and 7 through the CLI): bad jobs are their own error lines; the others are written."""
     old = key_of(store, images[2])
     rewrite_meta(store, old, vllm_version="0.0.1")
@@ -95,9 +95,9 @@ def test_one_bad_job_never_sinks_the_decode(store, tiny_model, images, tmp_path)
     with open(jobs, "ab") as f:
         f.write(b'{"id": "latin1", "prompt": "caf\xe9"}\n')
     out = tmp_path / "out.jsonl"
-    proc = cli("decode", "--model", tiny_model, "--store", store.store, "--jobs", jobs, "--out", str(out),
-               "--max-tokens", "4", "--max-model-len", "2048", "--no-progress")
-    assert proc.returncode == 3, proc.stderr  # some jobs failed, the rest done
+    proc = cli_run("decode", "--model", tiny_model, "--store", store.store, "--jobs", jobs, "--out", out,
+                   "--max-tokens", "4", "--max-model-len", "2048", "--no-progress")
+    assert proc.exit_code == 3, proc.stderr  # some jobs failed, the rest done
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert len(results) == 8 and "latin1" not in results
     assert results["good"]["error"] is None and results["good2"]["error"] is None and results["good2"]["token_ids"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from helpers import config, flip_one_ulp, write_jobs
@@ -97,14 +94,12 @@ def test_outputs_compared_token_by_token_and_byte_by_byte():
     assert [r.spot_check_identical for r in split] == [True, False, False, False, None]
 
 
-def test_cli_exit_status_4_names_the_job(cfg, jobs_file, images, tmp_path):
+def test_cli_exit_status_4_names_the_job(cfg, jobs_file, images, cli_run, tmp_path):
     flip_one_ulp(cfg.store, KeyMaker(cfg)(open(images[0], "rb").read()))
     out = tmp_path / "out.jsonl"
-    run = subprocess.run([sys.executable, "-m", "splitvlm.cli.main", "decode", "--model", cfg.model,
-                          "--store", cfg.store, "--jobs", jobs_file, "--out", str(out), "--max-tokens", "12",
-                          "--max-model-len", "2048", "--no-progress", "--spot-check", "1.0"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "1"})
-    assert run.returncode == 4, run.stdout[-2000:] + run.stderr[-2000:]
+    run = cli_run("decode", "--model", cfg.model, "--store", cfg.store, "--jobs", jobs_file, "--out", out,
+                  "--max-tokens", "12", "--max-model-len", "2048", "--no-progress", "--spot-check", "1.0")
+    assert run.exit_code == 4, run.stdout[-2000:] + run.stderr[-2000:]
     assert "MISMATCH: 0-0" in run.stdout and "0-1" in run.stdout and "pair" in run.stdout
     lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert lines["0-0"]["spot_check_identical"] is False and lines["2-0"]["spot_check_identical"] is True

@@ -77,17 +77,18 @@ def test_one_ulp_change_fails_and_names_the_job(tiny_model, engine, seed_jobs, t
     assert all(j.identical for j in report.jobs if not j.id.startswith("1-"))
 
 
-def test_cli_exit_status_on_altered_store(tiny_model, seed_jobs, tmp_path):
+def test_cli_exit_status_on_altered_store(tiny_model, seed_jobs, cli_run, tmp_path):
+    """Through the CLI (in this process, on the shared engine; the test above runs its own processes)."""
     paths, jobs = seed_jobs
     store = tmp_path / "store"
-    assert splitvlm("encode", "--model", tiny_model, "--store", str(store), "--no-progress",
-                    "--max-model-len", "2048", paths[0]).returncode == 0
+    assert cli_run("encode", "--model", tiny_model, "--store", store, "--no-progress",
+                   "--max-model-len", "2048", paths[0]).exit_code == 0
     cfg = config(tiny_model, store)
     flip_one_ulp(str(store), KeyMaker(cfg)(open(paths[0], "rb").read()))
     only_first = write_jobs(tmp_path / "jobs.jsonl", [json.loads(line) for line in open(jobs)][:2])
-    out = splitvlm("verify", "--model", tiny_model, "--store", str(store), "--jobs", only_first,
-                   "--max-tokens", "8", "--max-model-len", "2048", "--no-progress")
-    assert out.returncode == 4  # a mismatch found
+    out = cli_run("verify", "--model", tiny_model, "--store", store, "--jobs", only_first,
+                  "--max-tokens", "8", "--max-model-len", "2048", "--no-progress")
+    assert out.exit_code == 4  # a mismatch found
     assert "0-0" in out.stdout and "embeddings identical 0/1" in out.stdout
 
 
