@@ -100,8 +100,8 @@ class Profile:
 # The exact profile's kernel levers on a GPU (docs/exactness.md): each changes the tower's bits, so
 # entries made under one record it in tower_kernels. EXACT_GPU_LEVERS are on by default on a GPU since
 # the GPU check passed every exactness check under them (fb75764, H200; the tower went from 0.67 to
-# 0.82 of vLLM's default on the 512-image mix); small_m (no gain measured) and large_m (not yet run)
-# are experiments. A SPLITVLM_PROFILE value names the levers it turns on: "exact" alone runs none of
+# 0.82 of vLLM's default on the 512-image mix); small_m (no gain measured) and large_m (the tile
+# check passed, not yet run inside the engines) are experiments. A SPLITVLM_PROFILE value names the levers it turns on: "exact" alone runs none of
 # them (the exact GPU tower before 2026-12-01).
 LEVERS = ("fused_bias", "small_m", "quick_gelu", "large_m")
 EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
