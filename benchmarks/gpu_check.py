@@ -45,7 +45,9 @@ class Check:
         self.report: dict = {"command": " ".join([*prefix, "python -m benchmarks.gpu_check", *sys.argv[1:]]),
                              "commit": args.commit or git("rev-parse", "HEAD") or "unknown",
                              "dirty": bool(git("status", "--porcelain")) if not args.commit else "not known (--commit given)",
-                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}, "checks": {}}
+                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}, "checks": {},
+                             # an experiment's levers (core.profiles.LEVERS) reach every step through it
+                             "splitvlm_profile": given or ""}
 
     def save(self) -> None:
         with self.lock:
@@ -238,8 +240,6 @@ def main() -> None:
     rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
     c.report["environment"] = load(w / "lock.json").get("environment", {}) if (w / "lock.json").exists() else {}
     c.report["lane_omp_threads"] = lane_env()["OMP_NUM_THREADS"]
-    # an experiment's levers (core.profiles.LEVERS) reach every step through the plugin's one variable
-    c.report["splitvlm_profile"] = os.environ.get("SPLITVLM_PROFILE", "")
     c.check("env_lock", rc == 0)
     rc = c.run("make_model", ["make-model", "--arch", args.arch, "--out", model, "--device", args.device])
     c.check("make_model", rc == 0, arch=args.arch)

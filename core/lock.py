@@ -77,7 +77,7 @@ def entry_differences(locked: dict[str, str], meta: dict[str, str]) -> list[str]
 class EntryCheck:
     """Refuses store entries made under another environment than the lock's (or, without a lock,
     another vLLM version or device than this one), and exact-profile entries whose tower ran other
-    attention kernels than `tower` (Profile.tower_kernels; None: not checked); with allow_mismatch,
+    attention kernels than `tower` (core.profiles.tower_kernels; None: not checked); with allow_mismatch,
     a lock or the tower warns once per entry."""
 
     def __init__(self, lock_path: str | None, allow_mismatch: bool, tower: str | None = None):

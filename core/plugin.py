@@ -78,8 +78,9 @@ def register(kernels: bool = True) -> None:
 
         if single_split_flash_attention():
             _done.add("vision_splits")
-    if gpu and (settings.fused_bias or settings.small_m or settings.large_m) and "linear" not in _done:
+    linear = {name: getattr(settings, name) for name in ("fused_bias", "small_m", "large_m")}
+    if gpu and any(linear.values()) and "linear" not in _done:
         from splitvlm.core.invariant_linear import invariant_linear
 
-        if invariant_linear(fused_bias=settings.fused_bias, small_m=settings.small_m, large_m=settings.large_m):
+        if invariant_linear(**linear):
             _done.add("linear")

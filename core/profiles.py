@@ -22,7 +22,7 @@ def exact_cpu_isa() -> dict[str, str]:
     return dict([EXACT_CPU_ISA]) if platform.machine().lower() in ("x86_64", "amd64") else {}
 
 
-# What the exact tower's attention runs on (Profile.tower_kernels). Entries made before the field existed
+# What the exact tower's attention runs on (Profile.tower_attention). Entries made before the field existed
 # ran SDPA on every device (LEGACY_TOWER_KERNELS).
 TOWER_SDPA = "sdpa-per-image"
 TOWER_FA_SINGLE_SPLIT = "flash-attn-varlen-splits1"
@@ -74,9 +74,9 @@ class Profile:
         levers = dict.fromkeys(EXACT_GPU_LEVERS, True) if gpu and self.exact else {}
         return ProcessSettings(self.name, self.vision, self.exact, **levers)
 
-    def tower_kernels(self, gpu: bool) -> str:
-        """The kernels behind the tower's attention under this profile, recorded with each stored
-        entry: entries made under other ones cannot give this engine's bytes (core.lock.EntryCheck)."""
+    def tower_attention(self, gpu: bool) -> str:
+        """The kernels behind the tower's attention under this profile: the first part of what each
+        stored entry records as its tower_kernels (the module's tower_kernels adds the levers)."""
         if not self.exact:
             return "vllm-default"
         return TOWER_FA_SINGLE_SPLIT if gpu else TOWER_SDPA
@@ -101,8 +101,8 @@ class Profile:
 # entries made under one record it in tower_kernels. EXACT_GPU_LEVERS are on by default on a GPU since
 # the GPU check passed every exactness check under them (fb75764, H200; the tower went from 0.67 to
 # 0.82 of vLLM's default on the 512-image mix); small_m (no gain measured) and large_m (the tile
-# check passed, not yet run inside the engines) are experiments. A SPLITVLM_PROFILE value names the levers it turns on: "exact" alone runs none of
-# them (the exact GPU tower before 2026-12-01).
+# check passed, not yet run inside the engines) are experiments. A SPLITVLM_PROFILE value names the
+# levers it turns on: "exact" alone runs none of them (the exact GPU tower before 2026-12-01).
 LEVERS = ("fused_bias", "small_m", "quick_gelu", "large_m")
 EXACT_GPU_LEVERS = ("fused_bias", "quick_gelu")
 
@@ -166,13 +166,13 @@ def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
 
 
 def tower_kernels(profile_name: str, gpu: bool) -> str:
-    """What stored entries record as their tower's kernels in this process: Profile.tower_kernels, and
+    """What stored entries record as their tower's kernels in this process: Profile.tower_attention, and
     on a GPU the levers it runs under (LEVERS; by default EXACT_GPU_LEVERS), each of which changes the
     tower's bits: "flash-attn-varlen-splits1+fused_bias+quick_gelu" for the exact GPU default."""
     profile = get_profile(profile_name)
     settings = process_settings(profile, gpu)
     levers = [name for name in LEVERS if getattr(settings, name)] if gpu and profile.exact else []
-    return "+".join([profile.tower_kernels(gpu), *levers])
+    return "+".join([profile.tower_attention(gpu), *levers])
 
 
 def vision_mode() -> str:
