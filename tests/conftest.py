@@ -47,22 +47,11 @@ def engine(tiny_model):
 
 @pytest.fixture()
 def cli_run(engine, monkeypatch):
-    """The CLI in this process, on the session's one engine: every engine it asks for is that one
-    (cli_run.asked lists the asks). Tests of a process's own start run the CLI in a subprocess instead."""
+    """The CLI in this process, on the session's one engine: every engine it asks for is that one.
+    Tests of a process's own start run the CLI in a subprocess instead."""
     from click.testing import CliRunner
 
     from splitvlm.cli.main import cli
 
-    asked: list[dict] = []
-
-    def shared(*args, **kwargs):
-        asked.append(kwargs)
-        return engine
-
-    monkeypatch.setattr("splitvlm.core.engine.Engine", shared)
-
-    def invoke(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    invoke.asked = asked
-    return invoke
+    monkeypatch.setattr("splitvlm.core.engine.Engine", lambda *a, **k: engine)
+    return lambda *args: CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

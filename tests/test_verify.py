@@ -78,7 +78,8 @@ def test_one_ulp_change_fails_and_names_the_job(tiny_model, engine, seed_jobs, t
 
 
 def test_cli_exit_status_on_altered_store(tiny_model, seed_jobs, cli_run, tmp_path):
-    """Through the CLI (in this process, on the shared engine; the test above runs its own processes)."""
+    """Through the CLI, in this process on the shared engine (test_seed_table_is_identical_through_the_cli
+    runs the CLI in its own processes)."""
     paths, jobs = seed_jobs
     store = tmp_path / "store"
     assert cli_run("encode", "--model", tiny_model, "--store", store, "--no-progress",
