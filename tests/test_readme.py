@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import sys
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -35,3 +40,68 @@ def test_the_python_api_section_runs_as_shown(tiny_model, engine, monkeypatch, t
     assert "encoded 3" in out and out.count("j") >= 4
     report = json.loads(Path("report.json").read_text())
     assert report["ok"] and report["identical"] == report["total"] == 4
+
+
+def sh_commands(block: str) -> list[str]:
+    """The block's commands: comment lines dropped, backslash continuations joined, a quoted
+    multi-line argument kept with its command."""
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if not line.lstrip().startswith("#")]
+    commands: list[str] = []
+    for line in lines:
+        if commands and commands[-1].count("'") % 2:  # inside a quoted argument
+            commands[-1] += "\n" + line
+        else:
+            commands.append(line)
+    return commands
+
+
+@pytest.mark.slow
+def test_the_serve_section_runs_as_shown(tiny_model, engine, monkeypatch, tmp_path):
+    """After `splitvlm demo` (on this session's engine, the tiny model linked where the demo puts its
+    own), the README's serve command and both curls, run by bash as written but for the port."""
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    from splitvlm.tools import demo
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    monkeypatch.chdir(tmp_path)
+    assert demo.run_demo(demo.DEFAULT_WORKDIR, images=3, max_tokens=8, model_dir=tiny_model, engine=engine,
+                         echo=lambda line: None, show_progress=False).ok
+    Path(demo.DEFAULT_WORKDIR, "model").symlink_to(tiny_model)
+    serve, chat, metrics = sh_commands(readme_block("Serve", "sh"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    assert serve.startswith("splitvlm serve ") and "--port 8000" in serve and chat.count("8000") == metrics.count("8000") == 1
+    bin_dir = str(Path(sys.executable).parent)  # the venv's `splitvlm`
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ["PATH"]])}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(["bash", "-c", "exec " + serve.replace("8000", port)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not answer on /health"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        answer = subprocess.run(["bash", "-c", chat.replace("8000", port)], capture_output=True, text=True,
+                                env=env, timeout=120)
+        counted = subprocess.run(["bash", "-c", metrics.replace("8000", port)], capture_output=True, text=True,
+                                 env=env, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    reply = json.loads(answer.stdout)
+    assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] > 0, answer.stdout
+    assert "splitvlm_tower_images_total 0.0" in counted.stdout.splitlines(), counted.stdout
