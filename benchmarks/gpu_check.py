@@ -3,8 +3,9 @@
 python -m benchmarks.gpu_check [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--device cuda] [--images 264] [--max-tokens 32]
     [--work /tmp/splitvlm-gpu-check] [--logs DIR] [--out benchmarks/results/gpu_check.json]
 
-Steps: env --lock; make-model; encode (good and bad inputs; exit 2 with exactly the bad ones
-listed), alone on the GPU so its wall time is clean; store check. Then three lanes run side by
+Steps: byte-compile vLLM's site where it is not (benchmarks.bytecode: what pip does at install,
+which the unpacked GPU bundle skips); env --lock; make-model; encode (good and bad inputs; exit 2
+with exactly the bad ones listed), alone on the GPU so its wall time is clean; store check. Then three lanes run side by
 side, each engine with a fixed 16 GiB KV cache: (a) decode --cache (batch 256), decode --cache
 again (all from the cache, identical), a locked decode with --spot-check; (b) verify (every job
 and embedding); (c) the batch matrix (benchmarks.batch_matrix: batch 1, 8, 256, 1024 and
@@ -26,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.bytecode import compile_site
 from benchmarks.check_corpus import make_corpus, write_jobs
 
 ENCODE_LIMIT_S = 60.0  # encode wall time for the corpus, engine start included
@@ -237,6 +239,9 @@ def main() -> None:
     c = Check(args)
     w = c.work
     model, store = str(w / "model"), str(w / "store")
+    # bytecode first, as pip would have made it at install: the bundle is unpacked, not installed
+    c.report["bytecode"] = compile_site("vllm")
+    print(f"bytecode: {json.dumps(c.report['bytecode'])}", flush=True)
     rc = c.run("env", ["env", "--json", "--lock", str(w / "lock.json")])
     c.report["environment"] = load(w / "lock.json").get("environment", {}) if (w / "lock.json").exists() else {}
     c.report["lane_omp_threads"] = lane_env()["OMP_NUM_THREADS"]

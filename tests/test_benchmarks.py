@@ -288,3 +288,24 @@ def test_kernel_trace_reads_torch_profiler_traces(tmp_path):
     args = bench("bench_vs_vllm").parse_args(["--model", "m", "--kernels"])
     assert args.kernels and bench("bench_vs_vllm").profiler({"kernels": None}, "exact") == {}
     assert bench("bench_vs_vllm").profiler({"kernels": "/t"}, "exact")["profiler_config"]["torch_profiler_dir"] == "/t/exact"
+
+
+def test_bytecode_compiles_the_site_a_package_was_unpacked_into(tmp_path, monkeypatch):
+    """The GPU check's first step: an unpacked site (no .pyc) is compiled as pip would at install, and
+    what was found is reported; a second call finds nothing left to do."""
+    import importlib.util
+
+    from benchmarks.bytecode import compile_site, without_bytecode
+
+    site = tmp_path / "site"
+    (site / "unpacked" / "sub").mkdir(parents=True)
+    for name in ("unpacked/__init__.py", "unpacked/sub/__init__.py", "unpacked/sub/mod.py", "beside.py"):
+        (site / name).write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert without_bytecode(site) == (4, 4)
+    first = compile_site("unpacked")
+    assert first["site"] == str(site) and first["without_bytecode"] == 4 and first["compiled"] and first["ok"]
+    assert without_bytecode(site) == (4, 0)
+    assert Path(importlib.util.cache_from_source(str(site / "beside.py"))).exists()  # the whole site, as pip's install
+    assert compile_site("unpacked")["compiled"] is False
+    assert compile_site("no_such_package_here") == {"package": "no_such_package_here", "installed": False}
