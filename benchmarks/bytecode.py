@@ -3,10 +3,10 @@
 pip compiles every installed .py file to .pyc at install time; the GPU bundle (../shared/gpu) is
 unpacked instead, so the first process that imports vLLM on a fresh machine compiles the
 bundle's modules itself, and in the GPU check that process is the timed encode (20 s limit from
-start to first entry). Measured on the 2-core CPU machine, with the bundle's packages copied from
-the CPU venv without bytecode (6,239 .py files) in front of sys.path: `import vllm; from vllm
-import LLM` plus the plugins took 13.4-14.1 s cold and 9.2-10.2 s once compiled (compiling took
-6.8 s). So the check compiles first, as a step of its own, and records what it found.
+start to first entry). benchmarks/cold_import.py measures what that costs; on the 2-core CPU
+machine (benchmarks/results/cold_import_cpu.json) the imports an engine start begins with took
+9.9-10.7 s from the bundle's packages without bytecode and 8.4-9.3 s compiled. So the check
+compiles first, as a step of its own, and records what it found.
 
 python -m benchmarks.bytecode [PACKAGE ...]   (default: vllm) prints what it found and did as JSON.
 """
