@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.bytecode import compile_site
 from benchmarks.common import RESULTS, command, now, sizes_for, write_images
 from splitvlm.encoder.ray_pipeline import RayOptions
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         root = Path(tempfile.mkdtemp(prefix="bench_ray_", dir=args.dir) if args.dir else tmp.name)
         write_images(root / "images", 0, args.images, sizes_for(args.smoke), seed=args.seed)
+        # vLLM's and Ray's bytecode first, as pip makes it at install: the GPU bundles are unpacked, and
+        # otherwise each side's first process would compile what it imports (benchmarks.bytecode)
+        bytecode = [compile_site(package) for package in ("vllm", "ray")]
         single = run_encode(args, root / "images", root / "single", [])
         extra = ["--workers", str(args.workers)] if args.workers else []
         extra += ["--address", args.address] if args.address else []
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "bench_ray_encode", "date": now(), "commit": args.commit,
         "command": command("benchmarks.bench_ray_encode", argv), "environment": environment(),
-        "model": args.model, "images": args.images, "smoke": args.smoke, "gpus": args.gpus,
+        "model": args.model, "images": args.images, "smoke": args.smoke, "gpus": args.gpus, "bytecode": bytecode,
         "workers": on_ray["ray"]["workers"] if on_ray["ray"] else None,
         "single": single, "ray": on_ray, "stores": stores,
         "ratio": on_ray["images_per_s"] / single["images_per_s"] if single["images_per_s"] else None,

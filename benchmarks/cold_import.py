@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         site = Path(tmp)
         copied = copy_site(bundle_distributions(Path(args.bundle_script)), site)
         files, missing = without_bytecode(site)
+        missing = len(missing)
         cold = time_imports(site, args.runs)
         t0 = time.perf_counter()
         compileall.compile_dir(str(site), quiet=2, workers=0)

@@ -302,10 +302,12 @@ def test_bytecode_compiles_the_site_a_package_was_unpacked_into(tmp_path, monkey
     for name in ("unpacked/__init__.py", "unpacked/sub/__init__.py", "unpacked/sub/mod.py", "beside.py"):
         (site / name).write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(str(site))
-    assert without_bytecode(site) == (4, 4)
+    assert without_bytecode(site)[0] == 4 and len(without_bytecode(site)[1]) == 4
+    (site / "unpacked" / "broken.py").write_text("def (:\n")  # a file that does not compile is counted, left
     first = compile_site("unpacked")
-    assert first["site"] == str(site) and first["without_bytecode"] == 4 and first["compiled"] and first["ok"]
-    assert without_bytecode(site) == (4, 0)
+    assert first["site"] == str(site) and first["without_bytecode"] == 5
+    assert first["compiled"] == 4 and first["failed"] == 1
+    assert [p.name for p in without_bytecode(site)[1]] == ["broken.py"]
     assert Path(importlib.util.cache_from_source(str(site / "beside.py"))).exists()  # the whole site, as pip's install
-    assert compile_site("unpacked")["compiled"] is False
+    assert compile_site("unpacked")["compiled"] == 0
     assert compile_site("no_such_package_here") == {"package": "no_such_package_here", "installed": False}
