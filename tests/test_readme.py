@@ -1,4 +1,4 @@
-"""The README's examples run as shown: its Python API block, on the tiny model and this session's engine."""
+"""The README's examples run as shown: its Python API block and its Serve commands, on the tiny model."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_the_python_api_section_runs_as_shown(tiny_model, engine, monkeypatch, t
                                                       "prompt": f"Describe picture {n}."}) + "\n" for n in range(4)))
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
-    assert "encoded 3" in out and out.count("j") >= 4
+    assert out.startswith("encoded 3,")  # the summary, then each result's id, finish reason and text, in order
+    assert re.findall(r"^(j\d) (?:length|stop) ", out, re.M) == ["j0", "j1", "j2", "j3"]
     report = json.loads(Path("report.json").read_text())
     assert report["ok"] and report["identical"] == report["total"] == 4
 
