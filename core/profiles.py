@@ -148,19 +148,26 @@ def settings_from(value: str | None) -> ProcessSettings:
     return ProcessSettings(name, **fields)
 
 
+def _given_for(profile: Profile) -> str | None:
+    """SPLITVLM_PROFILE as set in this process when it names this profile (an experiment's levers,
+    which win over the profile's own), else None."""
+    given = os.environ.get("SPLITVLM_PROFILE")
+    return given if given and settings_from(given).profile == profile.name else None
+
+
 def process_settings(profile: Profile, gpu: bool) -> ProcessSettings:
     """The settings this process's vLLM runs under for a profile: SPLITVLM_PROFILE's when it names
-    the same profile (an experiment's levers), else the profile's own on this device."""
-    given = settings_from(os.environ.get("SPLITVLM_PROFILE"))
-    return given if given.profile == profile.name else profile.settings(gpu)
+    the same profile, else the profile's own on this device."""
+    given = _given_for(profile)
+    return settings_from(given) if given else profile.settings(gpu)
 
 
 def process_env(profile: Profile, gpu: bool) -> dict[str, str]:
-    """The environment a profile gives vLLM in this process: Profile.env, except that a
-    SPLITVLM_PROFILE already set for the same profile (an experiment's overrides) wins."""
+    """The environment a profile gives vLLM in this process: Profile.env, with SPLITVLM_PROFILE as
+    given where it names the same profile."""
     env = profile.env(gpu)
-    given = os.environ.get("SPLITVLM_PROFILE")
-    if given and settings_from(given).profile == profile.name:
+    given = _given_for(profile)
+    if given:
         env["SPLITVLM_PROFILE"] = given
     return env
 
