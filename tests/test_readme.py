@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -62,10 +61,8 @@ def test_the_serve_section_runs_as_shown(tiny_model, engine, monkeypatch, tmp_pa
     own), the README's serve command and both curls, run by bash as written but for the port."""
     import shutil
     import subprocess
-    import time
 
-    import httpx
-
+    from benchmarks.servers import Server
     from splitvlm.tools import demo
 
     if shutil.which("curl") is None:
@@ -75,34 +72,16 @@ def test_the_serve_section_runs_as_shown(tiny_model, engine, monkeypatch, tmp_pa
                          echo=lambda line: None, show_progress=False).ok
     Path(demo.DEFAULT_WORKDIR, "model").symlink_to(tiny_model)
     serve, chat, metrics = sh_commands(readme_block("Serve", "sh"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    assert serve.startswith("splitvlm serve ") and "--port 8000" in serve and chat.count("8000") == metrics.count("8000") == 1
-    bin_dir = str(Path(sys.executable).parent)  # the venv's `splitvlm`
-    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ["PATH"]])}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(["bash", "-c", "exec " + serve.replace("8000", port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "the server did not answer on /health"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        answer = subprocess.run(["bash", "-c", chat.replace("8000", port)], capture_output=True, text=True,
-                                env=env, timeout=120)
+    assert serve.startswith("splitvlm serve ") and serve.count(" --port 8000") == 1
+    assert chat.count("8000") == metrics.count("8000") == 1
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))  # the venv's
+    # bash runs the command as written; Server appends `--port N` (a free port), which "$@" passes on
+    argv = ["bash", "-c", "exec " + serve.replace(" --port 8000", "") + ' "$@"', "bash"]
+    with Server("serve", argv, tmp_path, timeout=300) as server:
+        port = str(server.port)
+        answer = subprocess.run(["bash", "-c", chat.replace("8000", port)], capture_output=True, text=True, timeout=120)
         counted = subprocess.run(["bash", "-c", metrics.replace("8000", port)], capture_output=True, text=True,
-                                 env=env, timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+                                 timeout=60)
     reply = json.loads(answer.stdout)
     assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] > 0, answer.stdout
     assert "splitvlm_tower_images_total 0.0" in counted.stdout.splitlines(), counted.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 from helpers import config
 from PIL import Image
 
+from benchmarks.servers import free_port
 from splitvlm.cli.main import cli
 from splitvlm.core.images import image_from_bytes
 from splitvlm.core.provenance import KeyMaker
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ("Describe.", "请描述这张图片。")
 TOKENS = 8
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +100,11 @@ def expected(tiny_model, engine, paths) -> dict:
 
 @pytest.fixture(scope="module")
 def api(server, expected) -> httpx.Client:
-    client = httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+    return healthy(server, httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=300))
+
+
+def healthy(server: dict, client: httpx.Client) -> httpx.Client:
+    """The client, once the server answers on /health (its start overlaps the reference work)."""
     deadline = time.time() + 600
     while time.time() < deadline:
         if server["proc"].poll() is not None:
@@ -202,18 +200,7 @@ def test_concurrent_requests_give_the_sequential_bytes(api, sequential, tiny_mod
 def test_two_api_servers_give_the_same_bytes_and_count_in_both(server_two, sequential, tiny_model, paths):
     """With --api-server-count 2 each frontend process keys, reads and hands over stored images, and
     /metrics sums the counters of both (vLLM then serves /metrics from its multiprocess registry)."""
-    client = httpx.Client(base_url=server_two["url"], timeout=300)
-    deadline = time.time() + 600
-    while True:
-        if server_two["proc"].poll() is not None:
-            pytest.fail("splitvlm serve exited: " + server_two["log"].read_text(errors="replace")[-3000:])
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, server_two["log"].read_text(errors="replace")[-3000:]
-        time.sleep(1)
+    client = healthy(server_two, httpx.Client(base_url=server_two["url"], timeout=300))
     requests = [(f"{Path(p).stem}.0", body(tiny_model, p, PROMPTS[0])) for p in paths["stored"][:12]]
     before = counters(client)
 
