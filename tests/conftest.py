@@ -18,7 +18,19 @@ for _name, _value in exact_cpu_isa().items():  # importing torch runs no primiti
     os.environ.setdefault(_name, _value)
 
 
+# Modules whose tests start their own vLLM processes, Ray clusters or servers, longest first. `make test`
+# runs two workers, each taking whole modules in this order (pytest -n 2 --dist loadfile
+# --no-loadscope-reorder): these start at once and the short modules fill in beside them.
+LONGEST_FIRST = ("test_ray_encode.py", "test_plugin.py", "test_serve.py", "test_verify.py")
+
+
+def module_rank(item: pytest.Item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=module_rank)  # stable: the order within each module, and among the rest, is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
