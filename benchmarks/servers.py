@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -9,11 +10,32 @@ from pathlib import Path
 
 from benchmarks.serve_client import httpx
 
+# Ray's workers take ports 10002-19999 by default and everything that binds port 0 gets one from the
+# kernel's ephemeral range: a port picked between the two is not taken by another process (a Ray test or a
+# vLLM in the other test worker) in the seconds before the server binds it ("Address already in use").
+LOWEST_PORT = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that binds now, below the ephemeral range (where one is left), chosen at random."""
+    high = ephemeral_ports()[0] - 1
+    candidates = random.sample(range(LOWEST_PORT, high + 1), min(64, max(0, high + 1 - LOWEST_PORT)))
+    for port in [*candidates, 0]:  # 0: the kernel's choice, where no port below the range binds
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free loopback port")
 
 
 def with_port(argv: list[str], port: int) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -311,3 +312,16 @@ def test_bytecode_compiles_the_site_a_package_was_unpacked_into(tmp_path, monkey
     assert Path(importlib.util.cache_from_source(str(site / "beside.py"))).exists()  # the whole site, as pip's install
     assert compile_site("unpacked")["compiled"] == 0
     assert compile_site("no_such_package_here") == {"package": "no_such_package_here", "installed": False}
+
+
+def test_free_ports_lie_below_the_kernels_ephemeral_range():
+    """Servers in tests and benchmarks take ports nothing else is handed while they start (a Ray worker or
+    another vLLM binding port 0 once raced a test server for its port)."""
+    from benchmarks.servers import LOWEST_PORT, ephemeral_ports, free_port
+
+    low = ephemeral_ports()[0]
+    ports = {free_port() for _ in range(20)}
+    assert all(LOWEST_PORT <= p < low for p in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
