@@ -16,19 +16,18 @@ from benchmarks.serve_client import httpx
 LOWEST_PORT = 20000
 
 
-def ephemeral_ports() -> tuple[int, int]:
+def ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (what a bind to port 0 may be handed)."""
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
     """A loopback port that binds now, below the ephemeral range (where one is left), chosen at random."""
-    high = ephemeral_ports()[0] - 1
-    candidates = random.sample(range(LOWEST_PORT, high + 1), min(64, max(0, high + 1 - LOWEST_PORT)))
-    for port in [*candidates, 0]:  # 0: the kernel's choice, where no port below the range binds
+    below = range(LOWEST_PORT, ephemeral_low())
+    for port in [*random.sample(below, min(64, len(below))), 0]:  # 0: the kernel's choice, where none below binds
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -16,10 +16,7 @@ def test_the_longest_modules_exist():
 
 
 def test_the_longest_modules_are_collected_first(request):
-    seen: list[str] = []
-    for item in request.session.items:
-        if item.path.name not in seen:
-            seen.append(item.path.name)
+    seen = list(dict.fromkeys(item.path.name for item in request.session.items))  # modules, in run order
     wanted = [name for name in LONGEST_FIRST if name in seen]
     assert seen[: len(wanted)] == wanted
 
