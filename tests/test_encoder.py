@@ -129,18 +129,13 @@ COUNT_STARTS = """
 import json, sys
 from splitvlm.core.config import Config
 from splitvlm.core.engine import engine_starts
-from splitvlm.core.errors import EngineStartError
 from splitvlm.encoder import Encoder
 model, store, max_len, *inputs = sys.argv[1:]
 cfg = Config(model=model, store=store, max_model_len=int(max_len), show_progress=False, batch_patches=600)
 encoder = Encoder(cfg)
-try:
-    stats = encoder.encode(inputs)
-    out = {"encoded": stats.encoded, "failed": stats.failed, "eager": encoder.engine.settings["enforce_eager"],
-           "encoder_only": encoder.engine.encoder_only}
-except EngineStartError as exc:
-    out = {"error": str(exc)}
-print(json.dumps({**out, "starts": engine_starts()}))
+stats = encoder.encode(inputs)
+print(json.dumps({"encoded": stats.encoded, "failed": stats.failed, "eager": encoder.engine.settings["enforce_eager"],
+                  "encoder_only": encoder.engine.encoder_only, "starts": engine_starts()}))
 """
 
 
@@ -162,23 +157,30 @@ def test_encode_starts_vllm_once_whatever_the_inputs(tiny_model, corpus, tmp_pat
     assert out == {"encoded": len(good), "failed": len(bad_names), "eager": True, "encoder_only": True, "starts": 1}
 
 
-def test_engine_that_cannot_start_stops_the_run_once_and_keeps_the_store(tiny_model, engine, corpus, tmp_path):
-    _, good, _ = corpus
-    cfg = config(tiny_model, tmp_path / "store")
-    Encoder(cfg, engine=engine).encode(good[:2])
-    out = count_starts(tiny_model, cfg.store, 10**8, good[:12])  # longer than the model's positions: vLLM refuses
-    assert out["starts"] == 1 and "could not start" in out["error"] and "\n" not in out["error"]
-    with EmbeddingStore(cfg.store) as store:
-        assert len(store) == 2
+CLI_COUNTING_STARTS = """
+import atexit, sys
+from splitvlm.core.engine import engine_starts
+out, sys.argv = sys.argv[1], ["splitvlm", *sys.argv[2:]]
+atexit.register(lambda: open(out, "w").write(str(engine_starts())))
+from splitvlm.cli.main import main
+main()
+"""
 
 
-def test_cli_engine_start_failure_is_one_line_and_exit_1(tiny_model, corpus, tmp_path):
+def test_engine_that_cannot_start_stops_the_cli_once_with_one_line_and_keeps_the_store(tiny_model, engine, corpus,
+                                                                                       tmp_path):
+    """`splitvlm encode` in its own process (the CLI's main, with vLLM engine starts counted on the way out)
+    on a store that already holds 2 of the inputs: vLLM refuses the engine; one start, exit 1, one line
+    with vLLM's reason, no summary, and the 2 stored entries kept."""
     import subprocess
     import sys
 
     _, good, _ = corpus
-    proc = subprocess.run(
-        [sys.executable, "-m", "splitvlm.cli.main", "encode", "--model", tiny_model, "--store", str(tmp_path / "S"),
+    cfg = config(tiny_model, tmp_path / "store")
+    Encoder(cfg, engine=engine).encode(good[:2])
+    starts = tmp_path / "starts"
+    proc = subprocess.run(  # longer than the model's positions: vLLM refuses
+        [sys.executable, "-c", CLI_COUNTING_STARTS, str(starts), "encode", "--model", tiny_model, "--store", cfg.store,
          "--max-model-len", str(10**8), "--no-progress", *good[:6]],
         capture_output=True, text=True, timeout=600,
     )
@@ -186,4 +188,7 @@ def test_cli_engine_start_failure_is_one_line_and_exit_1(tiny_model, corpus, tmp
     assert proc.returncode == 1, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: vLLM could not start"), proc.stderr
     assert "max_model_len" in errors[0] or "max model len" in errors[0].lower(), errors[0]  # vLLM's reason, not a header
-    assert "skipped" not in proc.stderr
+    assert "skipped" not in proc.stderr and "encoded" not in proc.stdout
+    assert starts.read_text() == "1"  # never one start per image or per batch
+    with EmbeddingStore(cfg.store) as store:
+        assert len(store) == 2

@@ -44,12 +44,18 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
+def without_session_cap() -> dict[str, str]:
+    """This environment without the test session's oneDNN ISA cap: a process started with it must cap itself."""
+    return {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model, corpus, tmp_path_factory) -> tuple[Path, Path]:
-    """A single-process encode of the corpus: its store and failures file."""
+    """A single-process encode of the corpus, not given the session's ISA cap: its store and failures file."""
     out = tmp_path_factory.mktemp("ray_reference")
-    run = splitvlm("encode", "--model", tiny_model, "--store", out / "store", "--failures", out / "failures.jsonl",
-                   *ENGINE, corpus)
+    run = subprocess.run([sys.executable, "-m", "splitvlm", "encode", "--model", tiny_model, "--store",
+                          str(out / "store"), "--failures", str(out / "failures.jsonl"), *ENGINE, str(corpus)],
+                         capture_output=True, text=True, timeout=600, env=without_session_cap())
     assert run.returncode == 3, run.stderr
     return out / "store", out / "failures.jsonl"
 
@@ -143,11 +149,14 @@ def shard_entries(store: Path) -> int:
 @needs_ray
 @pytest.mark.slow
 def test_kill_9_then_rerun_loses_nothing(tiny_model, corpus, reference, tmp_path):
-    """The CLI starts its own local Ray; its process group is killed once a worker has committed entries."""
+    """The CLI starts its own local Ray; its process group is killed once a worker has committed entries.
+    The rerun, with one worker, merges the killed run's shards first and encodes only the rest."""
     store = tmp_path / "store"
-    args = ["encode", "--ray", "--gpus", "0", "--workers", "2", "--ray-batch", "1", "--no-progress",
-            "--model", tiny_model, "--store", store, *ENGINE, corpus]
-    proc = subprocess.Popen([sys.executable, "-m", "splitvlm", *map(str, args)], start_new_session=True,
+    def args(workers: int) -> list[str]:
+        return ["encode", "--ray", "--gpus", "0", "--workers", str(workers), "--ray-batch", "1", "--no-progress",
+                "--model", tiny_model, "--store", str(store), *ENGINE, str(corpus)]
+
+    proc = subprocess.Popen([sys.executable, "-m", "splitvlm", *args(2)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
     try:
@@ -163,7 +172,7 @@ def test_kill_9_then_rerun_loses_nothing(tiny_model, corpus, reference, tmp_path
     assert shards_in(str(store) + SUFFIX)
 
     stats = tmp_path / "stats.json"
-    rerun = splitvlm("encode", *args[1:], "--stats-json", stats)
+    rerun = splitvlm(*args(1), "--stats-json", stats)
     assert rerun.returncode == 3, rerun.stderr
     figures = json.loads(stats.read_text())
     earlier = figures["ray"]["earlier_shards"]
@@ -190,22 +199,21 @@ _ready.wait()
 """
 
 
-def test_a_process_refused_amx_stores_the_same_bytes(tiny_model, corpus, tmp_path):
+def test_a_process_refused_amx_stores_the_same_bytes(tiny_model, corpus, reference, tmp_path):
     """The kill -9 test's rare failure (1 CI run in ~6: image 3's entry differed): oneDNN used AMX in one
     process and AVX-512 BF16 in another, which round differently. The exact profile caps oneDNN's ISA on
-    the CPU, so a process refused AMX (forced here) stores what any other does. Neither run inherits the
-    test session's own cap."""
+    the CPU, so a process refused AMX (forced here) stores what any other does: the module's reference
+    encode. Neither inherits the test session's own cap."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(AMX_REFUSED)
-    plain = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    plain = without_session_cap()
     refused = {**plain, "PYTHONPATH": os.pathsep.join([str(site), plain.get("PYTHONPATH", "")])}
-    for name, env in (("plain", plain), ("refused", refused)):
-        run = subprocess.run([sys.executable, "-m", "splitvlm", "encode", "--model", tiny_model, "--store",
-                              str(tmp_path / name), *ENGINE, "--no-progress", str(corpus)],
-                             capture_output=True, text=True, timeout=600, env=env)
-        assert run.returncode == 3, run.stderr
-    assert_same_store(tmp_path / "refused", tmp_path / "plain")
+    run = subprocess.run([sys.executable, "-m", "splitvlm", "encode", "--model", tiny_model, "--store",
+                          str(tmp_path / "refused"), *ENGINE, "--no-progress", str(corpus)],
+                         capture_output=True, text=True, timeout=600, env=refused)
+    assert run.returncode == 3, run.stderr
+    assert_same_store(tmp_path / "refused", reference[0])
 
 
 def test_without_ray_one_error_line(tiny_model, corpus, tmp_path):

@@ -92,9 +92,8 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(corpus, run, tmp_path):
             f.write(expected[kept][:40])
     assert "decode:" not in err.read_text() and "%|" not in err.read_text()  # stderr is no terminal: no bar
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "CI": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = run(*decode_args(cfg, jobs, out, "--resume"))  # in this process: resuming needs no process start
+    assert resumed.exit_code == 0, resumed.stderr[-2000:]
     assert f"resuming: {kept} jobs already in {out} (0 failed), {NJOBS - kept} to decode" in resumed.stderr
     assert f"decoded {NJOBS - kept}/{NJOBS - kept} jobs" in resumed.stdout
     assert out.read_text(encoding="utf-8").splitlines(keepends=True) == expected  # none lost, none twice
