@@ -28,9 +28,11 @@ BAD = {"zero.png": b"", "text.jpg": b"this is not an image"}
 ENGINE = ["--max-model-len", "2048"]
 
 
-def splitvlm(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def splitvlm(*args: str, env: dict | None = None, timeout: int = 600,
+             base: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in its own process, its environment base (this one's by default) updated with env."""
     return subprocess.run([sys.executable, "-m", "splitvlm", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**(os.environ if base is None else base), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,8 @@ def without_session_cap() -> dict[str, str]:
 def reference(tiny_model, corpus, tmp_path_factory) -> tuple[Path, Path]:
     """A single-process encode of the corpus, not given the session's ISA cap: its store and failures file."""
     out = tmp_path_factory.mktemp("ray_reference")
-    run = subprocess.run([sys.executable, "-m", "splitvlm", "encode", "--model", tiny_model, "--store",
-                          str(out / "store"), "--failures", str(out / "failures.jsonl"), *ENGINE, str(corpus)],
-                         capture_output=True, text=True, timeout=600, env=without_session_cap())
+    run = splitvlm("encode", "--model", tiny_model, "--store", out / "store", "--failures", out / "failures.jsonl",
+                   *ENGINE, corpus, base=without_session_cap())
     assert run.returncode == 3, run.stderr
     return out / "store", out / "failures.jsonl"
 
@@ -152,6 +153,7 @@ def test_kill_9_then_rerun_loses_nothing(tiny_model, corpus, reference, tmp_path
     """The CLI starts its own local Ray; its process group is killed once a worker has committed entries.
     The rerun, with one worker, merges the killed run's shards first and encodes only the rest."""
     store = tmp_path / "store"
+
     def args(workers: int) -> list[str]:
         return ["encode", "--ray", "--gpus", "0", "--workers", str(workers), "--ray-batch", "1", "--no-progress",
                 "--model", tiny_model, "--store", str(store), *ENGINE, str(corpus)]
@@ -208,10 +210,8 @@ def test_a_process_refused_amx_stores_the_same_bytes(tiny_model, corpus, referen
     site.mkdir()
     (site / "sitecustomize.py").write_text(AMX_REFUSED)
     plain = without_session_cap()
-    refused = {**plain, "PYTHONPATH": os.pathsep.join([str(site), plain.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "splitvlm", "encode", "--model", tiny_model, "--store",
-                          str(tmp_path / "refused"), *ENGINE, "--no-progress", str(corpus)],
-                         capture_output=True, text=True, timeout=600, env=refused)
+    run = splitvlm("encode", "--model", tiny_model, "--store", tmp_path / "refused", *ENGINE, "--no-progress", corpus,
+                   base=plain, env={"PYTHONPATH": os.pathsep.join([str(site), plain.get("PYTHONPATH", "")])})
     assert run.returncode == 3, run.stderr
     assert_same_store(tmp_path / "refused", reference[0])
 
